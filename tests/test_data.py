@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from vlm.data import easyvqa
+from vlm.data.files import read_captions, read_vqa
+from vlm.data.folders import list_images
+from vlm.data.sources import caption_records, vqa_records
+from vlm.errors import VlmError
+
+
+def test_jsonl_paths_are_relative_to_the_file(shapes_dataset):
+    records = read_captions(shapes_dataset)
+    assert len(records) == 48
+    assert records[0].image == str(shapes_dataset.parent / "images" / "red-circle-0.png")
+    assert records[0].caption == "a red circle"
+
+
+def test_csv_captions(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.csv").write_text('image,caption\n../a.png,"a cat, sitting"\n')
+    [record] = read_captions(tmp_path / "sub" / "data.csv")
+    assert record.image == str(tmp_path / "a.png")
+    assert record.caption == "a cat, sitting"
+
+
+def test_missing_column_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n" + json.dumps({"image": "b.png"}) + "\n")
+    with pytest.raises(VlmError, match=r"bad.jsonl:2: missing caption"):
+        read_captions(path)
+
+
+def test_bad_json_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{not json\n")
+    with pytest.raises(VlmError, match=r"bad.jsonl:1: not JSON"):
+        read_captions(path)
+
+
+def test_vqa_jsonl(tmp_path):
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(json.dumps({"image": "x.png", "question": "what?", "answer": "red"}) + "\n")
+    [record] = read_vqa(path)
+    assert (record.question, record.answer) == ("what?", "red")
+
+
+def test_unknown_builtin_lists_the_valid_ones():
+    with pytest.raises(VlmError, match="easyvqa:train, easyvqa:test"):
+        caption_records("easyvqa:validation")
+
+
+def test_folder_listing_is_recursive_sorted_and_skips_hidden(tmp_path):
+    for name in ["b.png", "a.JPG", "sub/c.webp", ".hidden/d.png", "notes.txt", "sub/.e.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert len(list_images(tmp_path, recursive=False)) == 2
+
+
+def test_easyvqa_sizes():
+    assert len(vqa_records("easyvqa:train")) == 38575
+    assert len(vqa_records("easyvqa:test")) == 9673
+    assert len(caption_records("easyvqa:train")) == 4000
+    assert len({r.caption for r in caption_records("easyvqa:test")}) == 24
+
+
+def test_colour_and_shape_read_from_negated_and_eliminated_questions():
+    facts = {"red": False, "blue": True}
+    assert easyvqa._resolve(facts, easyvqa.COLORS) == "blue"
+    only_left = {c: False for c in easyvqa.COLORS if c != "teal"}
+    assert easyvqa._resolve(only_left, easyvqa.COLORS) == "teal"
+    assert easyvqa._resolve({"red": False}, easyvqa.COLORS) is None
+
+
+@pytest.mark.parametrize("split", easyvqa.SPLITS)
+def test_question_labels_agree_with_pixels_on_every_image(split):
+    """The pixel fallback is trustworthy: wherever questions pin a label, it agrees."""
+    facts = easyvqa.facts_from_questions(split)
+    checked = 0
+    for image in easyvqa.images(split):
+        image_id = int(image.path.rsplit("/", 1)[1].split(".")[0])
+        colors, shapes = facts.get(image_id, ({}, {}))
+        color, shape = easyvqa.labels_from_pixels(image.path)
+        if easyvqa._resolve(colors, easyvqa.COLORS):
+            assert easyvqa._resolve(colors, easyvqa.COLORS) == color == image.color
+            checked += 1
+        if easyvqa._resolve(shapes, easyvqa.SHAPES):
+            assert easyvqa._resolve(shapes, easyvqa.SHAPES) == shape == image.shape
+    assert checked > 0.9 * len(easyvqa.images(split))
+
+
+def test_easyvqa_caption_matches_the_what_questions():
+    by_path = {im.path: im for im in easyvqa.images("test")}
+    for record in vqa_records("easyvqa:test"):
+        if record.question == "what color is the shape?":
+            assert by_path[record.image].color == record.answer
+        if record.question == "what shape is in the image?":
+            assert by_path[record.image].shape == record.answer

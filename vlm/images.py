@@ -1,0 +1,137 @@
+"""The one image loader: any file or mode in, an RGB PIL image out, or an ImageError.
+
+Every part of vlmstack (training, evaluation, indexing, captioning, the app) opens images
+through `load_image`, and turns them into model input with `to_tensor`, so a picture looks
+the same to every model whichever path it came by.
+"""
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlm.errors import ImageError
+
+# Refuse images above this many pixels before decoding them: a small file whose header
+# claims 100k x 100k pixels would otherwise allocate tens of GB (a "decompression bomb").
+MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Transparent pixels are composited onto white: what a viewer shows for a cut-out image.
+_BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, Path, bytes, Image.Image]
+
+
+def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image as RGB, with its EXIF orientation applied.
+
+    Args:
+        source: a file path, the file's bytes, or a PIL image.
+        max_pixels: refuse images with more pixels than this (checked before decoding).
+    Returns:
+        A fully decoded RGB PIL image.
+    Raises:
+        ImageError: the file is missing, empty, truncated, not an image, or too large.
+    """
+    name = "<image>" if isinstance(source, (bytes, Image.Image)) else str(source)
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}"
+            )
+        image.seek(0)  # first frame of an animated GIF/WebP
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (or an empty file)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{name}: cannot decode ({e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: 16/32-bit and float scaled to 8 bits, alpha over white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        image = Image.fromarray(_to_uint8(np.asarray(image), mode), mode="L")
+        mode = "L"
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, _BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit, 32-bit or float grayscale array to 0..255."""
+    array = array.astype(np.float64)
+    if mode == "F":
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+    elif mode.startswith("I;16") or array.max(initial=0) > 255:
+        top = 65535.0  # 16-bit data, however PIL labelled it
+    else:
+        top = 255.0
+    return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop a square."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(
+    image: Image.Image, *, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RGB image -> normalised float tensor (3, size, size), the model's input."""
+    image = resize_and_crop(image, size)
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A model's preprocessing as a small picklable object (for DataLoader workers)."""
+
+    size: int  # square input side in pixels
+    mean: tuple  # per-channel normalisation
+    std: tuple
+
+    def __call__(self, source: ImageSource) -> torch.Tensor:
+        """Any image source -> (3, size, size). Raises ImageError."""
+        return to_tensor(load_image(source), size=self.size, mean=self.mean, std=self.std)
+
+
+def is_image_file(path: Union[str, Path]) -> bool:
+    """True when the file name has one of the image extensions we index."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
