@@ -1,0 +1,135 @@
+"""The `vlmstack` command. Thin: parse arguments, call the library, print results.
+
+User errors (bad names, missing files, unreadable data) print one line and exit 2;
+`--debug` shows the traceback instead.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from vlm.errors import VlmError
+
+EXIT_USAGE = 2
+
+
+def _train(args) -> None:
+    if args.kind == "clip":
+        from vlm.train.clip import train_clip
+
+        metrics = train_clip(args.recipe, args.out, resume=args.resume)
+    print(json.dumps({"out": args.out, "validation": metrics}))
+
+
+def _eval(args) -> None:
+    if args.kind == "clip":
+        from vlm.clip import load_clip
+        from vlm.data.sources import caption_records
+        from vlm.eval.clip import evaluate_clip
+
+        metrics = evaluate_clip(load_clip(args.model), caption_records(args.data), batch_size=args.batch_size)
+    print(json.dumps(metrics))
+
+
+def _index(args) -> None:
+    from retrieval import build_index, update_index
+
+    if args.action == "build":
+        report = build_index(
+            args.folder, args.out, model=args.model, spec=args.index_spec, batch_size=args.batch_size, workers=args.workers
+        )
+    else:
+        report = update_index(args.index, batch_size=args.batch_size, workers=args.workers)
+    print(report.summary())
+
+
+def _search(args) -> None:
+    from retrieval import Searcher
+
+    if not args.query and not args.image:
+        raise VlmError("give a text query, --image PATH, or both")
+    searcher = Searcher.open(args.index, model=args.model)
+    if args.image:
+        hits = searcher.search_image(args.image, k=args.k, min_score=args.min_score, text=args.query)
+    else:
+        hits = searcher.search_text(args.query, k=args.k, min_score=args.min_score)
+    for hit in hits:
+        if args.json:
+            print(json.dumps({"rank": hit.rank, "score": round(hit.score, 6), "path": hit.path}))
+        else:
+            print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmstack", description="CLIP image search, visual question answering and captioning."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model from a recipe")
+    train.add_argument("kind", choices=["clip"], help="which model to train")
+    train.add_argument("--recipe", required=True, help="recipe name (vlm/recipes/) or JSON file")
+    train.add_argument("--out", required=True, help="run directory; becomes the model directory")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")
+    evaluate.add_argument("kind", choices=["clip"], help="clip: retrieval metrics")
+    evaluate.add_argument("--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH")
+    evaluate.add_argument("--data", required=True, help="easyvqa:train, easyvqa:test, or a .jsonl/.csv file")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.set_defaults(run=_eval)
+
+    index = commands.add_parser("index", help="build or update an image index of a folder")
+    actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="index every image under a folder")
+    build.add_argument("folder", help="folder of images (searched recursively)")
+    build.add_argument("--out", required=True, help="index directory to create")
+    build.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
+    build.add_argument("--index-spec", default="auto", help="FAISS index_factory string, or auto (by size)")
+    update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
+    update.add_argument("index", help="index directory")
+    for sub in (build, update):
+        sub.add_argument("--batch-size", type=int, default=256)
+        sub.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    index.set_defaults(run=_index)
+
+    search = commands.add_parser("search", help="search an index by text and/or example image")
+    search.add_argument("index", help="index directory")
+    search.add_argument("query", nargs="?", default=None, help='text; "a + b - c" and "2:a" weight terms')
+    search.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--image", help="find images similar to this one")
+    search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine similarity")
+    search.add_argument("--model", default=None, help="must match the index's model (default: the index's)")
+    search.add_argument("--json", action="store_true", help='one {"rank", "score", "path"} object per line')
+    search.set_defaults(run=_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        args.run(args)
+    except (VlmError, FileNotFoundError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"vlmstack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vlmstack: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Model directories: shipped names -> folders, and the files every model directory holds.
+
+A model is a directory: `config.json` (with a "kind": clip, llava or flamingo; a language
+model directory is a Hugging Face one), `model.safetensors`, optional tokenizer files and
+`model_card.json` (recipe, command, time, machine, metrics). Weights are never pickled.
+"""
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm.atomic import atomic_path, write_bytes, write_json
+from vlm.errors import VlmError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+
+
+def shipped_names() -> list[str]:
+    """Names of the models shipped inside the package (e.g. "clip-easyvqa")."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(d.name for d in WEIGHTS_DIR.iterdir() if (d / CONFIG_FILE).is_file())
+
+
+def resolve_dir(spec: str | Path) -> Path | None:
+    """The directory for a shipped name or a model directory path; None if neither."""
+    spec = str(spec)
+    if spec in shipped_names():
+        return WEIGHTS_DIR / spec
+    path = Path(spec).expanduser()
+    return path if (path / CONFIG_FILE).is_file() else None
+
+
+def read_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def model_kind(directory: Path) -> str:
+    """"clip", "llava", "flamingo", or "lm" for a Hugging Face language model directory."""
+    config = read_config(directory)
+    return config.get("kind", "lm" if "model_type" in config else "unknown")
+
+
+def save_weights(directory: Path, state: dict[str, torch.Tensor], *, dtype=None) -> None:
+    """Write model.safetensors atomically, optionally cast (e.g. to fp16 for shipping)."""
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    with atomic_path(Path(directory) / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors as float32 tensors (shipped weights may be fp16)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise VlmError(f"{directory}: missing {WEIGHTS_FILE}")
+    state = load_file(str(path))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_config(directory: Path, config: dict) -> None:
+    write_json(Path(directory) / CONFIG_FILE, config)
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, first 16 hex digits: names a set of weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def machine_info() -> dict:
+    """What a model card records about the machine that trained or measured it."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def update_card(directory: Path, **fields) -> dict:
+    """Merge fields into model_card.json (created if missing) and return the card."""
+    path = Path(directory) / CARD_FILE
+    card = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    card.update(fields)
+    write_json(path, card)
+    return card
+
+
+def ship(run_dir: str | Path, name: str) -> Path:
+    """Copy a trained model directory into the package as shipped model `name`, with
+    fp16 weights (half the bytes in git; loaders upcast to fp32)."""
+    run_dir, target = Path(run_dir), WEIGHTS_DIR / name
+    target.mkdir(parents=True, exist_ok=True)
+    for extra in run_dir.iterdir():
+        if extra.is_file() and (extra.suffix == ".json" or extra.name.startswith("tokenizer")) and not extra.name.startswith("checkpoint"):
+            write_bytes(target / extra.name, extra.read_bytes())
+    save_weights(target, load_file(str(run_dir / WEIGHTS_FILE)), dtype=torch.float16)
+    return target

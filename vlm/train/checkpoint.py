@@ -1,0 +1,55 @@
+"""Training checkpoints that are either whole or refused.
+
+`checkpoint.pt` (model, optimiser, position; loaded with weights_only=True) is written
+atomically, then `checkpoint.json` records its sha256. On resume a checkpoint whose
+bytes do not match the record — half-written, truncated, replaced — raises instead of
+loading.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from vlm.atomic import atomic_path, write_json
+from vlm.errors import VlmError
+
+STATE_FILE = "checkpoint.pt"
+RECORD_FILE = "checkpoint.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write the state dict, then the record that vouches for it."""
+    run_dir = Path(run_dir)
+    with atomic_path(run_dir / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    write_json(run_dir / RECORD_FILE, {"step": state["step"], "sha256": _sha256(run_dir / STATE_FILE)})
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / STATE_FILE).exists() or (Path(run_dir) / RECORD_FILE).exists()
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    """The verified checkpoint state.
+
+    Raises:
+        VlmError: the record or the state file is missing, or their checksums differ.
+    """
+    run_dir = Path(run_dir)
+    state_path, record_path = run_dir / STATE_FILE, run_dir / RECORD_FILE
+    if not record_path.is_file() or not state_path.is_file():
+        raise VlmError(f"{run_dir}: incomplete checkpoint ({STATE_FILE} and {RECORD_FILE} must both exist)")
+    record = json.loads(record_path.read_text())
+    if _sha256(state_path) != record.get("sha256"):
+        raise VlmError(f"{state_path}: checksum does not match {RECORD_FILE}; the checkpoint is damaged, refusing to load it")
+    return torch.load(state_path, map_location="cpu", weights_only=True)

@@ -1,0 +1,121 @@
+"""Recipe: train a CLIP contrastively on image-caption pairs.
+
+    vlmstack train clip --recipe clip-easyvqa --out runs/clip
+
+Identical captions in a batch are one text with several positive images (vlm/losses.py),
+never negatives of each other. The run directory ends up a loadable model directory.
+"""
+
+import hashlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlm import hub
+from vlm.clip import build_clip, load_clip
+from vlm.data.augment import Augment, AugmentConfig
+from vlm.data.image_text import CollateImageText, ImageTextDataset
+from vlm.data.records import CaptionRecord
+from vlm.data.sources import caption_records
+from vlm.errors import VlmError
+from vlm.eval.clip import evaluate_clip
+from vlm.losses import clip_loss, dedupe_texts, siglip_loss
+from vlm.train.recipes import load_recipe
+from vlm.train.trainer import TrainConfig, Trainer, param_groups
+
+log = logging.getLogger(__name__)
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class ClipRecipe:
+    arch: str = "clip-tiny"  # preset (vlm/configs/) or open_clip architecture name
+    init: str | None = None  # start from these weights (anything load_clip accepts) instead of random
+    data: str = "easyvqa:train"  # caption pairs: built-in name or .jsonl/.csv
+    val_fraction: float = 0.05  # share of the training images held out for validation curves
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None = no augmentation
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise VlmError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if not 0 <= self.val_fraction < 1:
+            raise VlmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def split_validation(records: list[CaptionRecord], fraction: float) -> tuple[list, list]:
+    """(train, validation) by a hash of the image path: stable, and an image's captions
+    never straddle the two."""
+
+    def held_out(record: CaptionRecord) -> bool:
+        digest = hashlib.sha256(Path(record.image).name.encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+    train = [r for r in records if not held_out(r)]
+    return train, [r for r in records if held_out(r)]
+
+
+def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
+    """Train per the recipe into `out`; returns the final validation metrics."""
+    recipe, recipe_json = load_recipe(ClipRecipe, recipe_spec, "clip")
+    out = Path(out)
+    torch.manual_seed(recipe.train.seed)
+    if recipe.init:
+        clip = load_clip(recipe.init)
+    else:
+        clip = build_clip(recipe.arch)
+        if recipe.loss == "siglip":  # SigLIP's initialisation: t = 10, b = -10
+            clip.config.model_cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+            clip = type(clip)(config=clip.config)
+    train_records, val_records = split_validation(caption_records(recipe.data), recipe.val_fraction)
+    log.info("%d training pairs, %d held out for validation", len(train_records), len(val_records))
+
+    augment = Augment(recipe.augment) if recipe.augment else None
+    dataset = ImageTextDataset(train_records, transform=clip.transform, augment=augment)
+    model = clip.model
+
+    def step(batch: dict) -> torch.Tensor:
+        texts, targets = dedupe_texts(batch["tokens"])
+        image_features = clip.image_features(batch["pixels"])
+        text_features = clip.text_features(texts)
+        if recipe.loss == "siglip":
+            return siglip_loss(image_features, text_features, targets, model.logit_scale, model.logit_bias)
+        return clip_loss(image_features, text_features, targets, model.logit_scale)
+
+    def clamp_temperature() -> None:
+        with torch.no_grad():  # CLIP caps the logit scale at 100
+            model.logit_scale.clamp_(0, math.log(100))
+
+    trainer = Trainer(
+        model=model,
+        groups=param_groups(model, recipe.train.weight_decay),
+        config=recipe.train,
+        run_dir=out,
+        dataset=dataset,
+        collate=CollateImageText(clip.tokenizer),
+        step_fn=step,
+        evaluate=(lambda: evaluate_clip(clip, val_records, progress=False)) if val_records else None,
+        after_step=clamp_temperature,
+    )
+    started = time.time()
+    metrics = trainer.fit(resume=resume)
+    clip.save(out)
+    hub.update_card(
+        out,
+        kind="clip",
+        recipe=recipe_json,
+        resolved_recipe=asdict(recipe),
+        command=" ".join(["vlmstack", *sys.argv[1:]]) if sys.argv[0].endswith("vlmstack") else " ".join(sys.argv),
+        train_seconds=round(trainer.train_seconds, 1),
+        wall_seconds_this_run=round(time.time() - started, 1),
+        skipped_images=trainer.skipped,
+        machine=hub.machine_info(),
+        validation=metrics,
+    )
+    return metrics

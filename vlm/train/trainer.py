@@ -1,0 +1,216 @@
+"""The one training loop every recipe uses.
+
+AdamW with linear warmup and cosine decay, gradient clipping, optional bf16 autocast, a
+seeded per-epoch shuffle, and checkpoints from which a resumed run continues with the
+same batches it would have seen. Progress is a tqdm bar; the run directory gets
+`metrics.csv` (training loss), `eval.csv` (validation metrics per epoch) and `curves.png`.
+"""
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from vlm.progress import progress_bar
+
+from vlm.errors import VlmError
+from vlm.train import checkpoint
+from vlm.train.curves import CsvLog, plot_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.1  # AdamW decay, for matrices only (see param_groups)
+    beta2: float = 0.98  # AdamW's second-moment decay; CLIP uses 0.98 for stability
+    warmup_steps: int = 100  # linear ramp from 0 to lr
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # autocast to bfloat16 (a speed-up on CPUs with AMX/AVX512-BF16)
+    seed: int = 0  # seeds initialisation and the shuffle
+    checkpoint_every: int = 200  # steps between checkpoints (there is one at every epoch end too)
+    log_every: int = 10  # steps averaged into one metrics.csv row
+    workers: int = 1  # DataLoader worker processes
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups: matrices decay; biases, norms,
+    embeddings and scalars such as CLIP's logit scale do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "embedding" in name or "emb" in name.split(".")[-1]:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's shuffled batches (the last partial one dropped); same for the same seed."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+class Trainer:
+    """Runs `step_fn` over `dataset` and keeps the run directory up to date.
+
+    Args:
+        model: the module whose state is checkpointed (all of it, trainable or not).
+        groups: optimiser parameter groups (see `param_groups`).
+        step_fn: batch dict -> scalar loss (the forward pass; backward happens here).
+        evaluate: () -> dict of validation metrics, called at each epoch end.
+        after_step: called after each optimiser step (e.g. to clamp a parameter).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        groups: Sequence[dict],
+        config: TrainConfig,
+        run_dir: Path,
+        dataset: Dataset,
+        collate: Callable,
+        step_fn: Callable[[dict], torch.Tensor],
+        evaluate: Callable[[], dict] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ):
+        self.model, self.config, self.run_dir = model, config, Path(run_dir)
+        self.dataset, self.collate = dataset, collate
+        self.step_fn, self.evaluate, self.after_step = step_fn, evaluate, after_step
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
+        self.batches_per_epoch = len(dataset) // config.batch_size
+        if self.batches_per_epoch == 0:
+            raise VlmError(f"{len(dataset)} training examples is fewer than one batch of {config.batch_size}")
+        self.total_steps = self.batches_per_epoch * config.epochs
+        self.train_log = CsvLog(self.run_dir / "metrics.csv")
+        self.eval_log = CsvLog(self.run_dir / "eval.csv")
+        self.step, self.train_seconds, self.skipped = 0, 0.0, 0
+        self.last_eval: dict = {}
+
+    def fit(self, *, resume: bool = False) -> dict:
+        """Train to the end (or from the last checkpoint with resume=True); returns the
+        last validation metrics."""
+        self._start(resume)
+        config = self.config
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="training", unit="step")
+        while self.step < self.total_steps:
+            epoch, first = divmod(self.step, self.batches_per_epoch)
+            batches = epoch_batches(len(self.dataset), config.batch_size, config.seed, epoch)[first:]
+            # Seeds augmentation here and in the workers, so a resumed run sees the same images.
+            torch.manual_seed(config.seed * 7919 + self.step)
+            random.seed(config.seed * 7919 + self.step)
+            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=config.workers)
+            losses, started = [], time.perf_counter()
+            for batch in loader:
+                losses.append(self._train_step(batch))
+                self.step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch, refresh=False)
+                at_epoch_end = self.step % self.batches_per_epoch == 0
+                if len(losses) == config.log_every or at_epoch_end:
+                    self.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self._log(epoch, losses)
+                    losses = []
+                if at_epoch_end:
+                    self._evaluate(epoch)
+                    plot_curves(self.train_log, self.eval_log, self.run_dir / "curves.png")
+                if at_epoch_end or self.step % config.checkpoint_every == 0:
+                    self._save()
+        bar.close()
+        return self.last_eval
+
+    def _train_step(self, batch: dict) -> float:
+        for reason in batch["skipped"]:
+            log.warning("skipped %s", reason)
+        self.skipped += len(batch["skipped"])
+        factor = lr_factor(self.step, self.total_steps, self.config.warmup_steps, self.config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
+        if batch["size"] == 0:
+            return float("nan")
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            loss = self.step_fn(batch)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            self.after_step()
+        return loss.item()
+
+    def _log(self, epoch: int, losses: list[float]) -> None:
+        finite = [x for x in losses if math.isfinite(x)]
+        self.train_log.append({
+            "step": self.step,
+            "epoch": epoch,
+            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+            "loss": f"{sum(finite) / max(1, len(finite)):.5f}",
+            "skipped": self.skipped,
+            "seconds": f"{self.train_seconds:.1f}",
+        })
+
+    def _evaluate(self, epoch: int) -> None:
+        if self.evaluate is None:
+            return
+        self.model.eval()
+        self.last_eval = {k: round(v, 5) if isinstance(v, float) else v for k, v in self.evaluate().items()}
+        log.info("epoch %d validation: %s", epoch, self.last_eval)
+        self.eval_log.append({"step": self.step, "epoch": epoch, **self.last_eval})
+
+    def _save(self) -> None:
+        checkpoint.save_checkpoint(self.run_dir, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "skipped": self.skipped,
+            "config": asdict(self.config),
+        })
+
+    def _start(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        exists = checkpoint.has_checkpoint(self.run_dir)
+        if exists and not resume:
+            raise VlmError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if not exists:
+            if resume:
+                log.warning("%s has no checkpoint; starting from scratch", self.run_dir)
+            self.train_log.path.unlink(missing_ok=True)
+            self.eval_log.path.unlink(missing_ok=True)
+            return
+        state = checkpoint.load_checkpoint(self.run_dir)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.train_seconds, self.skipped = state["step"], state["train_seconds"], state["skipped"]
+        self.train_log.truncate_after(self.step)
+        self.eval_log.truncate_after(self.step)
+        log.info("resumed %s at step %d of %d", self.run_dir, self.step, self.total_steps)
