@@ -1,0 +1,32 @@
+"""What a folder holds: its image files with size, modification time and content hash."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm.data.folders import list_images
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # relative to the indexed folder, with forward slashes
+    mtime: float  # modification time (seconds since the epoch)
+    size: int  # bytes
+
+
+def scan_folder(root: Path, *, recursive: bool = True) -> list[FileInfo]:
+    """Every image file under `root`, sorted by path."""
+    root = Path(root)
+    files = []
+    for path in list_images(root, recursive=recursive):
+        stat = path.stat()
+        files.append(FileInfo(path.relative_to(root).as_posix(), stat.st_mtime, stat.st_size))
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

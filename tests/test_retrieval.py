@@ -1,0 +1,190 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval import Searcher, build_index, update_index
+from retrieval import store
+from retrieval.query import parse_query
+from retrieval.spec import auto_spec, build_faiss, tune_search
+from vlm.errors import VlmError
+from tests.conftest import draw_shape
+
+
+@pytest.fixture
+def tiny_model(tiny_clip, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "clip"
+    tiny_clip.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]):
+        draw_shape(color, shape, offset=i).save(root / ("sub" if i % 2 else ".") / f"{color}-{shape}.png")
+    return root
+
+
+def _paths(hits):
+    return [os.path.basename(h.path) for h in hits]
+
+
+def test_an_images_own_embedding_is_its_top_hit(folder, tmp_path, tiny_model):
+    report = build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    assert (report.files, report.count, report.index_spec) == (4, 4, "Flat")
+    searcher = Searcher.open(tmp_path / "idx")
+    for path in folder.rglob("*.png"):
+        [hit] = searcher.search_image(path, k=1)
+        assert hit.path == str(path.resolve()) and hit.score == pytest.approx(1.0, abs=1e-4)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["model"] == tiny_model and manifest["dim"] == 128 and manifest["count"] == 4
+
+
+def test_k_larger_than_the_index_returns_everything(folder, tmp_path, tiny_model):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    hits = Searcher.open(tmp_path / "idx").search_text("a red circle", k=50)
+    assert [h.rank for h in hits] == [1, 2, 3, 4]
+    assert hits[0].score >= hits[-1].score
+
+
+def test_min_score_filters(folder, tmp_path, tiny_model):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    searcher = Searcher.open(tmp_path / "idx")
+    assert searcher.search_text("x", k=4, min_score=1.01) == []
+
+
+def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_model, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    embedded = []
+    import retrieval.index as index_module
+
+    original = index_module.embed_images
+    monkeypatch.setattr(index_module, "embed_images", lambda clip, sources, **kw: embedded.extend(sources) or original(clip, sources, **kw))
+
+    draw_shape("blue", "circle").save(folder / "new.png")  # added
+    shutil.copy(folder / "red-circle.png", folder / "copy-of-red.png")  # byte-identical duplicate
+    draw_shape("green", "rectangle").save(folder / "green-circle.png")  # modified in place
+    os.utime(folder / "green-circle.png", (1, 1))
+    (folder / "sub" / "blue-rectangle.png").unlink()  # deleted
+    report = update_index(tmp_path / "idx", workers=0, progress=False)
+
+    assert sorted(os.path.basename(p) for p in embedded) == ["green-circle.png", "new.png"]
+    assert (report.added, report.changed, report.removed, report.duplicates, report.unchanged) == (2, 1, 1, 1, 2)
+    assert (report.files, report.count) == (5, 4)
+    searcher = Searcher.open(tmp_path / "idx")
+    assert searcher.count == 4
+    [hit] = searcher.search_image(folder / "new.png", k=1)
+    assert hit.path.endswith("new.png")
+    assert searcher.resolve(folder / "sub" / "blue-rectangle.png") is None
+
+    embedded.clear()
+    again = update_index(tmp_path / "idx", workers=0, progress=False)
+    assert embedded == [] and again.unchanged == 5
+
+
+def test_a_crash_during_save_leaves_the_previous_index_loadable(folder, tmp_path, tiny_model, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    draw_shape("blue", "circle").save(folder / "new.png")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.faiss, "write_index", crash)
+    with pytest.raises(OSError):
+        update_index(tmp_path / "idx", workers=0, progress=False)
+    monkeypatch.undo()
+    searcher = Searcher.open(tmp_path / "idx")
+    assert searcher.count == 4
+    report = update_index(tmp_path / "idx", workers=0, progress=False)  # and a later save works
+    assert report.files == 5
+    assert len(list((tmp_path / "idx").glob("v*"))) == 1
+
+
+def test_querying_with_another_model_names_both(folder, tmp_path, tiny_model):
+    from vlm.clip import build_clip
+
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    other = tmp_path / "other"
+    build_clip("clip-tiny").save(other)
+    with pytest.raises(VlmError) as error:
+        Searcher.open(tmp_path / "idx", model=str(other))
+    assert tiny_model in str(error.value) and str(other) in str(error.value)
+
+
+def test_a_negative_term_moves_results_away(folder, tmp_path, tiny_model, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    searcher = Searcher.open(tmp_path / "idx")
+    # Pin the text encoder: "red" means the red circle's picture, "circle" the green circle's.
+    pictures = {"red": folder / "red-circle.png", "circle": folder / "green-circle.png"}
+    vectors = {text: searcher.clip.encode_images([path]) for text, path in pictures.items()}
+    monkeypatch.setattr(searcher.clip, "encode_texts", lambda texts: torch.cat([vectors[t] for t in texts]))
+
+    def score(query, name):
+        return {os.path.basename(h.path): h.score for h in searcher.search_text(query, k=4)}[name]
+
+    assert score("red + circle", "green-circle.png") > 0 > score("red - circle", "green-circle.png")
+    assert score("red - circle", "red-circle.png") > score("red - circle", "green-circle.png")
+    assert score("3:red + circle", "red-circle.png") > score("red + circle", "red-circle.png")
+
+
+def test_corrupt_files_are_skipped_and_reported(folder, tmp_path, tiny_model):
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    report = build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    assert report.files == 4
+    assert sorted(path for path, _ in report.failed) == ["broken.png", "empty.jpg"]
+    assert "broken.png" in report.summary()
+
+
+def test_empty_folder_and_missing_index_are_clear_errors(tmp_path, tiny_model):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VlmError, match="no images"):
+        build_index(tmp_path / "empty", tmp_path / "idx", model=tiny_model)
+    with pytest.raises(VlmError, match="not an index"):
+        Searcher.open(tmp_path / "nothing")
+
+
+def test_corrupt_faiss_file_is_a_clear_error(folder, tmp_path, tiny_model):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    [faiss_file] = (tmp_path / "idx").glob("v*/index.faiss")
+    faiss_file.write_bytes(b"garbage")
+    with pytest.raises(VlmError, match="corrupt"):
+        Searcher.open(tmp_path / "idx")
+
+
+def test_long_and_empty_queries(folder, tmp_path, tiny_model, caplog):
+    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    searcher = Searcher.open(tmp_path / "idx")
+    assert len(searcher.search_text("red " * 2500, k=2)) == 2
+    assert "truncated" in caplog.text
+    with pytest.raises(VlmError, match="empty"):
+        searcher.search_text("   ")
+
+
+def test_query_grammar():
+    assert [(t.text, t.weight) for t in parse_query("red circle - triangle")] == [("red circle", 1.0), ("triangle", -1.0)]
+    assert [(t.text, t.weight) for t in parse_query("2:red + circle")] == [("red", 2.0), ("circle", 1.0)]
+    assert [t.text for t in parse_query("a t-shirt")] == ["a t-shirt"]
+    with pytest.raises(VlmError):
+        parse_query("red + ")
+
+
+def test_auto_spec_grows_with_size():
+    assert auto_spec(1_000, 512) == "Flat"
+    assert auto_spec(1_000_000, 512) == "IVF4096,Flat"
+    assert auto_spec(50_000_000, 512).startswith("IVF") and "PQ64" in auto_spec(50_000_000, 512)
+
+
+def test_ivf_tuning_reaches_the_target_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 32))
+    vectors = (centers[rng.integers(0, 50, 20_000)] + 0.3 * rng.normal(size=(20_000, 32))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = build_faiss(vectors, "IVF128,Flat")
+    params = tune_search(index, vectors, target_recall=0.95, queries=200)
+    assert 1 <= params["nprobe"] <= 128
