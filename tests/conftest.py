@@ -47,3 +47,43 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return build_clip("clip-tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_and_tokenizer():
+    """A 2-layer Llama-style LM and a BPE tokenizer trained on a few chat lines."""
+    from vlm.lm import TinyLmConfig, build_tiny_lm, train_tokenizer
+
+    corpus = [f"USER: what color is the {s}?\nASSISTANT: {c}" for s in ("circle", "rectangle", "shape") for c in COLORS]
+    tokenizer = train_tokenizer(corpus * 20, 400)
+    torch.manual_seed(0)
+    config = TinyLmConfig(hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128)
+    return build_tiny_lm(config, tokenizer), tokenizer
+
+
+@pytest.fixture
+def tiny_llava(tiny_clip, tiny_lm_and_tokenizer):
+    import copy
+
+    from vlm.llava import build_llava
+    from vlm.vision import VisionTower
+
+    lm, tokenizer = tiny_lm_and_tokenizer
+    torch.manual_seed(0)
+    return build_llava(vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer), max_length=128).eval()
+
+
+@pytest.fixture
+def tiny_flamingo(tiny_clip, tiny_lm_and_tokenizer):
+    import copy
+
+    from vlm.flamingo import build_flamingo
+    from vlm.vision import VisionTower
+
+    lm, tokenizer = tiny_lm_and_tokenizer
+    torch.manual_seed(0)
+    resampler = {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 8, "max_frames": 2}
+    return build_flamingo(
+        vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer),
+        resampler=resampler, xattn_heads=2, xattn_head_dim=32, max_length=128,
+    ).eval()

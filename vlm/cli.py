@@ -20,6 +20,18 @@ def _train(args) -> None:
         from vlm.train.clip import train_clip
 
         metrics = train_clip(args.recipe, args.out, resume=args.resume)
+    elif args.kind == "lm":
+        from vlm.train.lm import train_lm
+
+        metrics = train_lm(args.recipe, args.out, resume=args.resume)
+    elif args.kind == "llava":
+        from vlm.train.llava import train_llava
+
+        metrics = train_llava(args.recipe, args.out, stage=args.stage, resume=args.resume, init=args.init)
+    else:
+        from vlm.train.flamingo import train_flamingo
+
+        metrics = train_flamingo(args.recipe, args.out, resume=args.resume)
     print(json.dumps({"out": args.out, "validation": metrics}))
 
 
@@ -30,6 +42,14 @@ def _eval(args) -> None:
         from vlm.eval.clip import evaluate_clip
 
         metrics = evaluate_clip(load_clip(args.model), caption_records(args.data), batch_size=args.batch_size)
+    else:
+        from vlm.data.sources import vqa_records
+        from vlm.eval.vqa import evaluate_vqa
+        from vlm.load import load_vlm
+
+        records = vqa_records(args.data)[: args.limit]
+        shots = vqa_records(args.shot_data) if args.shots else None
+        metrics = evaluate_vqa(load_vlm(args.model), records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
     print(json.dumps(metrics))
 
 
@@ -70,17 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model from a recipe")
-    train.add_argument("kind", choices=["clip"], help="which model to train")
+    train.add_argument("kind", choices=["clip", "lm", "llava", "flamingo"], help="which model to train")
     train.add_argument("--recipe", required=True, help="recipe name (vlm/recipes/) or JSON file")
     train.add_argument("--out", required=True, help="run directory; becomes the model directory")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.add_argument("--stage", default="all", choices=["all", "1", "2"], help="llava: which stage (1 -> OUT/stage1)")
+    train.add_argument("--init", default=None, help="llava stage 2: start from this model (default OUT/stage1)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")
-    evaluate.add_argument("kind", choices=["clip"], help="clip: retrieval metrics")
+    evaluate.add_argument("kind", choices=["clip", "vqa"], help="clip: retrieval metrics; vqa: answer accuracy")
     evaluate.add_argument("--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH")
     evaluate.add_argument("--data", required=True, help="easyvqa:train, easyvqa:test, or a .jsonl/.csv file")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    evaluate.add_argument("--shots", type=int, default=0, help="vqa: K solved examples before each question (few-shot)")
+    evaluate.add_argument("--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)")
     evaluate.set_defaults(run=_eval)
 
     index = commands.add_parser("index", help="build or update an image index of a folder")

@@ -41,6 +41,11 @@ class ClipConfig:
     source: str = ""  # where the architecture came from (preset, open_clip name or tag)
     kind: str = field(default="clip", init=False)  # marks the directory as a CLIP model
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClipConfig":
+        data = {k: v for k, v in data.items() if k != "kind"}
+        return cls(**{**data, "image_mean": tuple(data["image_mean"]), "image_std": tuple(data["image_std"])})
+
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("clip-*.json"))
@@ -140,7 +145,7 @@ class Clip(nn.Module):
         """Write config.json + model.safetensors (optionally cast, e.g. fp16 to ship)."""
         directory = Path(directory)
         hub.save_config(directory, asdict(self.config))
-        hub.save_weights(directory, self.model.state_dict(), dtype=dtype)
+        hub.save_module(directory, self.model, dtype=dtype)
 
 
 def build_clip(arch: str) -> Clip:
@@ -166,9 +171,8 @@ def load_clip(spec: str) -> Clip:
         config = hub.read_config(directory)
         if config.get("kind") != "clip":
             raise VlmError(f"{spec}: not a CLIP model directory (kind={config.get('kind')!r})")
-        config.pop("kind")
-        clip = Clip(config=ClipConfig(**{**config, "image_mean": tuple(config["image_mean"]), "image_std": tuple(config["image_std"])}))
-        _load_state(clip, hub.load_weights(directory), spec)
+        clip = Clip(config=ClipConfig.from_dict(config))
+        hub.load_module(directory, clip.model)
         clip.fingerprint = hub.file_fingerprint(directory / hub.WEIGHTS_FILE)
     return clip.eval()
 

@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlm.atomic import atomic_path, write_bytes, write_json
@@ -49,20 +51,43 @@ def model_kind(directory: Path) -> str:
     return config.get("kind", "lm" if "model_type" in config else "unknown")
 
 
-def save_weights(directory: Path, state: dict[str, torch.Tensor], *, dtype=None) -> None:
-    """Write model.safetensors atomically, optionally cast (e.g. to fp16 for shipping)."""
-    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+def save_module(directory: Path, module: torch.nn.Module, *, dtype=None) -> None:
+    """Write a module's state to model.safetensors atomically, optionally cast (fp16 to
+    ship). Tensors shared between keys (tied embeddings) are stored once; their other
+    names are recorded so `load_module` can tell them from missing weights."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        stored[name] = (tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor).contiguous()
     with atomic_path(Path(directory) / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+        save_file(stored, str(tmp), metadata={"aliases": json.dumps(aliases)})
 
 
-def load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors as float32 tensors (shipped weights may be fp16)."""
+def load_module(directory: Path, module: torch.nn.Module) -> None:
+    """Load model.safetensors into `module` (as float32).
+
+    Raises:
+        VlmError: the file is missing or its tensors do not fit the module.
+    """
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise VlmError(f"{directory}: missing {WEIGHTS_FILE}")
-    state = load_file(str(path))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise VlmError(f"{path}: weights do not fit the model ({str(e).splitlines()[-1].strip()})") from None
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise VlmError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def save_config(directory: Path, config: dict) -> None:
@@ -90,6 +115,12 @@ def machine_info() -> dict:
     }
 
 
+def command_line() -> str:
+    """The command being run, for model cards ("vlmstack train clip ...")."""
+    program = "vlmstack" if sys.argv[0].endswith("vlmstack") else sys.argv[0]
+    return " ".join([program, *sys.argv[1:]])
+
+
 def update_card(directory: Path, **fields) -> dict:
     """Merge fields into model_card.json (created if missing) and return the card."""
     path = Path(directory) / CARD_FILE
@@ -107,5 +138,9 @@ def ship(run_dir: str | Path, name: str) -> Path:
     for extra in run_dir.iterdir():
         if extra.is_file() and (extra.suffix == ".json" or extra.name.startswith("tokenizer")) and not extra.name.startswith("checkpoint"):
             write_bytes(target / extra.name, extra.read_bytes())
-    save_weights(target, load_file(str(run_dir / WEIGHTS_FILE)), dtype=torch.float16)
+    with safe_open(str(run_dir / WEIGHTS_FILE), "pt") as f:
+        metadata = f.metadata()
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(run_dir / WEIGHTS_FILE)).items()}
+    with atomic_path(target / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return target

@@ -1,6 +1,7 @@
 """Resolve a data argument (`easyvqa:train`, `easyvqa:test`, or a file) to records."""
 
 from vlm.data import easyvqa
+from vlm.data.conversations import caption_conversations, easyvqa_conversations, read_llava_json
 from vlm.data.files import read_captions, read_vqa
 from vlm.data.records import CaptionRecord, VqaRecord
 from vlm.errors import VlmError
@@ -8,7 +9,7 @@ from vlm.errors import VlmError
 BUILTIN = tuple(f"easyvqa:{split}" for split in easyvqa.SPLITS)
 
 
-def _builtin_split(spec: str) -> str | None:
+def builtin_split(spec: str) -> str | None:
     """"train"/"test" for a built-in name, None for a file path."""
     if not spec.startswith("easyvqa:"):
         return None
@@ -19,11 +20,21 @@ def _builtin_split(spec: str) -> str | None:
 
 def caption_records(spec: str) -> list[CaptionRecord]:
     """Image-caption pairs from a built-in name or a .jsonl/.csv caption file."""
-    split = _builtin_split(spec)
+    split = builtin_split(spec)
     return easyvqa.caption_records(split) if split else read_captions(spec)
 
 
 def vqa_records(spec: str) -> list[VqaRecord]:
     """Image-question-answer triples from a built-in name or a .jsonl/.csv VQA file."""
-    split = _builtin_split(spec)
+    split = builtin_split(spec)
     return easyvqa.vqa_records(split) if split else read_vqa(spec)
+
+
+def conversation_records(spec: str, *, kind: str = "conversations") -> list[dict]:
+    """LLaVA-format records. kind="conversations": a built-in split's questions and
+    captions, or a LLaVA JSON file; kind="captions": caption exchanges from a built-in
+    split or a caption file."""
+    if kind == "captions":
+        return caption_conversations(caption_records(spec))
+    split = builtin_split(spec)
+    return easyvqa_conversations(split) if split else read_llava_json(spec)

@@ -6,10 +6,8 @@ Identical captions in a batch are one text with several positive images (vlm/los
 never negatives of each other. The run directory ends up a loadable model directory.
 """
 
-import hashlib
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +18,12 @@ from vlm import hub
 from vlm.clip import build_clip, load_clip
 from vlm.data.augment import Augment, AugmentConfig
 from vlm.data.image_text import CollateImageText, ImageTextDataset
-from vlm.data.records import CaptionRecord
 from vlm.data.sources import caption_records
 from vlm.errors import VlmError
 from vlm.eval.clip import evaluate_clip
 from vlm.losses import clip_loss, dedupe_texts, siglip_loss
 from vlm.train.recipes import load_recipe
+from vlm.train.splits import split_by_image
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
 
 log = logging.getLogger(__name__)
@@ -49,18 +47,6 @@ class ClipRecipe:
             raise VlmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def split_validation(records: list[CaptionRecord], fraction: float) -> tuple[list, list]:
-    """(train, validation) by a hash of the image path: stable, and an image's captions
-    never straddle the two."""
-
-    def held_out(record: CaptionRecord) -> bool:
-        digest = hashlib.sha256(Path(record.image).name.encode()).digest()
-        return int.from_bytes(digest[:4], "big") / 2**32 < fraction
-
-    train = [r for r in records if not held_out(r)]
-    return train, [r for r in records if held_out(r)]
-
-
 def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
     """Train per the recipe into `out`; returns the final validation metrics."""
     recipe, recipe_json = load_recipe(ClipRecipe, recipe_spec, "clip")
@@ -73,7 +59,7 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         if recipe.loss == "siglip":  # SigLIP's initialisation: t = 10, b = -10
             clip.config.model_cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
             clip = type(clip)(config=clip.config)
-    train_records, val_records = split_validation(caption_records(recipe.data), recipe.val_fraction)
+    train_records, val_records = split_by_image(caption_records(recipe.data), recipe.val_fraction, image=lambda r: r.image)
     log.info("%d training pairs, %d held out for validation", len(train_records), len(val_records))
 
     augment = Augment(recipe.augment) if recipe.augment else None
@@ -111,7 +97,7 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         kind="clip",
         recipe=recipe_json,
         resolved_recipe=asdict(recipe),
-        command=" ".join(["vlmstack", *sys.argv[1:]]) if sys.argv[0].endswith("vlmstack") else " ".join(sys.argv),
+        command=hub.command_line(),
         train_seconds=round(trainer.train_seconds, 1),
         wall_seconds_this_run=round(time.time() - started, 1),
         skipped_images=trainer.skipped,

@@ -44,16 +44,18 @@ class TrainConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups: matrices decay; biases, norms,
-    embeddings and scalars such as CLIP's logit scale do not."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or "embedding" in name or "emb" in name.split(".")[-1]:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    """Trainable parameters in two AdamW groups: weight matrices decay; biases, norms,
+    embeddings (token, positional, class) and scalars such as CLIP's logit scale do not."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # tied weights appear twice
+                continue
+            seen.add(id(param))
+            if param.ndim < 2 or isinstance(module, nn.Embedding) or "embedding" in name:
+                no_decay.append(param)
+            else:
+                decay.append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -187,8 +189,10 @@ class Trainer:
         self.eval_log.append({"step": self.step, "epoch": epoch, **self.last_eval})
 
     def _save(self) -> None:
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint.save_checkpoint(self.run_dir, {
-            "model": self.model.state_dict(),
+            # Frozen weights come from the recipe's starting point; only trained ones are kept.
+            "model": {k: v for k, v in self.model.state_dict().items() if k in trainable},
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "train_seconds": self.train_seconds,
@@ -208,7 +212,10 @@ class Trainer:
             self.eval_log.path.unlink(missing_ok=True)
             return
         state = checkpoint.load_checkpoint(self.run_dir)
-        self.model.load_state_dict(state["model"])
+        missing = {name for name, p in self.model.named_parameters() if p.requires_grad} - set(state["model"])
+        if missing:
+            raise VlmError(f"{self.run_dir}: checkpoint lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}); was the recipe changed?")
+        self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_seconds, self.skipped = state["step"], state["train_seconds"], state["skipped"]
         self.train_log.truncate_after(self.step)

@@ -1,0 +1,224 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from vlm.conversation import IGNORE_INDEX
+from vlm.generation import GenerationConfig, Prompt, generate
+from vlm.llava import LlavaModel, build_llava
+from vlm.projector import build_projector
+from vlm.train.llava import freeze_for_stage
+from vlm.train.vlm_stage import answer_hits
+from vlm.vision import VisionTower
+from tests.conftest import draw_shape
+
+RED, BLUE = draw_shape("red", "circle"), draw_shape("blue", "rectangle")
+
+
+def _batch(model, turns, images):
+    ids, labels = model.encode(turns)
+    input_ids = torch.tensor([ids])
+    pixels = torch.stack([model.transform(im) for im in images]) if images else None
+    return input_ids, torch.ones_like(input_ids), pixels, torch.tensor([labels])
+
+
+def test_image_features_land_exactly_on_the_image_tokens(tiny_llava):
+    model = tiny_llava
+    ids, _ = model.encode([("user", "<image>\nwhat color?")])
+    input_ids = torch.tensor([ids])
+    features = torch.randn(1, model.image_token_count, model.lm.config.hidden_size)
+    embeds = model.splice(input_ids, features)
+    slots = (input_ids[0] == model.image_token_id).nonzero().squeeze(-1)
+    assert len(slots) == model.image_token_count == 64
+    assert torch.equal(embeds[0, slots], features[0])
+    others = input_ids[0] != model.image_token_id
+    assert torch.equal(embeds[0, others], model.token_embeddings(input_ids)[0, others])
+
+
+def test_placeholder_and_image_counts_must_match(tiny_llava):
+    ids, _ = tiny_llava.encode([("user", "<image>\n<image>\nsame?")])
+    features = torch.randn(1, 64, tiny_llava.lm.config.hidden_size)
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        tiny_llava.splice(torch.tensor([ids]), features)
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        tiny_llava.answer_batch([RED], ["<image> again?"])  # answer_batch adds one <image> itself
+    with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
+        tiny_llava.chat([{"role": "user", "content": "<image>\nsame?"}], [RED, BLUE])
+
+
+def test_labels_cover_only_the_answers(tiny_llava):
+    turns = [("user", "<image>\nwhat color?"), ("assistant", "red"), ("user", "shape?"), ("assistant", "circle")]
+    ids, labels = tiny_llava.encode(turns)
+    tokenizer = tiny_llava.tokenizer
+    learnt = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tokenizer.decode(learnt) == " red</s> circle</s>"
+    assert all(l == IGNORE_INDEX for i, l in zip(ids, labels) if i == tiny_llava.image_token_id)
+
+
+@pytest.mark.parametrize("name,layers", [("linear", 1), ("mlp2x_gelu", 3), ("mlp3x_gelu", 5)])
+def test_projector_types(name, layers):
+    projector = build_projector(name, 16, 32)
+    assert projector(torch.randn(2, 5, 16)).shape == (2, 5, 32)
+    assert len(list(projector.modules())) - (0 if name == "linear" else 1) == layers
+
+
+def test_unknown_projector_raises():
+    with pytest.raises(ValueError, match="mlpNx_gelu"):
+        build_projector("mlp2x_relu", 4, 4)
+
+
+@pytest.mark.parametrize("stage,trained", [(1, {"projector"}), (2, {"projector", "lm"})])
+def test_only_the_stages_parameters_get_gradients(tiny_llava, stage, trained):
+    freeze_for_stage(tiny_llava, stage)
+    input_ids, mask, pixels, labels = _batch(tiny_llava, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    tiny_llava(input_ids=input_ids, attention_mask=mask, pixels=pixels, labels=labels).loss.backward()
+    with_grad = {name.split(".")[0] for name, p in tiny_llava.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == trained
+
+
+def test_a_few_steps_lower_the_loss(tiny_llava):
+    freeze_for_stage(tiny_llava, 2)
+    batch = _batch(tiny_llava, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    optimizer = torch.optim.AdamW([p for p in tiny_llava.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = tiny_llava(input_ids=batch[0], attention_mask=batch[1], pixels=batch[2], labels=batch[3]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+QUESTIONS = ["what color is the shape?", "is there a circle in the image? answer yes or no please", "shape?"]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_llava):
+    config = GenerationConfig(max_new_tokens=6)
+    images = [RED, BLUE, None]
+    alone = [tiny_llava.answer_batch([im], [q], max_new_tokens=6) for im, q in zip(images, QUESTIONS)]
+    together = tiny_llava.answer_batch(images, QUESTIONS, max_new_tokens=config.max_new_tokens)
+    assert together == [a[0] for a in alone]
+
+
+def _tokens(model, use_cache):
+    sequences = [model.encode([("user", "<image>\n" + q)], generation_prompt=True)[0] for q in QUESTIONS[:2]]
+    prompt = model.prepare(sequences, [[RED], [BLUE]])
+    config = GenerationConfig(max_new_tokens=8, use_cache=use_cache)
+    return torch.stack(list(generate(model, prompt, stop_ids=(-1,), pad_id=0, config=config)), dim=1)
+
+
+def test_kv_cache_gives_the_same_tokens_as_recomputing(tiny_llava):
+    assert torch.equal(_tokens(tiny_llava, True), _tokens(tiny_llava, False))
+
+
+def test_sampling_is_seeded(tiny_llava):
+    a = tiny_llava.answer(RED, "color?", temperature=1.0, top_p=0.9, seed=3, max_new_tokens=5)
+    assert a == tiny_llava.answer(RED, "color?", temperature=1.0, top_p=0.9, seed=3, max_new_tokens=5)
+
+
+def test_streamed_pieces_join_to_the_whole_answer(tiny_llava):
+    messages = [{"role": "user", "content": "<image>\nwhat color?"}]
+    pieces = list(tiny_llava.chat(messages, [RED], stream=True, max_new_tokens=8))
+    assert "".join(pieces).strip() == tiny_llava.chat(messages, [RED], max_new_tokens=8)
+
+
+def test_question_without_an_image_is_answered_as_text(tiny_llava):
+    assert isinstance(tiny_llava.answer(None, "hello?", max_new_tokens=3), str)
+
+
+def test_long_conversations_lose_their_oldest_turns(tiny_llava, caplog):
+    turns = [{"role": "user", "content": "<image>\nwhat color?"}, {"role": "assistant", "content": "red " * 30}]
+    turns += [{"role": "user", "content": "and now? " * 3}, {"role": "assistant", "content": "blue"}] * 3
+    turns += [{"role": "user", "content": "<image>\nlast one?"}]
+    with caplog.at_level(logging.WARNING):
+        reply = tiny_llava.chat(turns, [RED, BLUE], max_new_tokens=4)
+    assert isinstance(reply, str)
+    assert "dropped the oldest" in caplog.text
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_llava, tmp_path):
+    tiny_llava.save(tmp_path / "m")
+    loaded = LlavaModel.load(tmp_path / "m")
+    batch = _batch(tiny_llava, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    with torch.no_grad():
+        a = tiny_llava(input_ids=batch[0], attention_mask=batch[1], pixels=batch[2]).logits
+        b = loaded(input_ids=batch[0], attention_mask=batch[1], pixels=batch[2]).logits
+    assert torch.equal(a, b)
+
+
+def test_answer_hits_counts_whole_answers():
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, IGNORE_INDEX, 7]])
+    logits = torch.zeros(1, 5, 10)
+    logits[0, 0, 5] = logits[0, 1, 6] = 1  # first answer (5, 6) predicted right
+    logits[0, 3, 2] = 1  # second answer (7) wrong
+    assert answer_hits(logits, labels) == (1, 2)
+
+
+def test_mixtral_sparse_experts_lm_trains(tiny_clip, tiny_lm_and_tokenizer):
+    import copy
+
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    _, tokenizer = tiny_lm_and_tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    model = build_llava(vision=VisionTower.from_clip(tiny_clip), lm=lm, tokenizer=tokenizer, max_length=128)
+    test_a_few_steps_lower_the_loss(model)
+    assert isinstance(model.eval().answer(RED, "color?", max_new_tokens=3), str)
+
+
+def test_real_hf_lm_and_open_clip_vit_from_local_files(tmp_path, tiny_lm_and_tokenizer):
+    """The real-pretrained path, offline: an open_clip ViT saved with torch.save and a
+    Hugging Face LM + tokenizer saved with save_pretrained, both loaded by name."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vlm.clip import build_clip, load_clip
+    from vlm.lm import load_lm
+
+    torch.manual_seed(0)
+    torch.save(build_clip("ViT-S-32").model.state_dict(), tmp_path / "vit.pt")
+    _, tokenizer = tiny_lm_and_tokenizer
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=256))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+
+    vision = VisionTower.from_clip(load_clip(f"open_clip:ViT-S-32@{tmp_path / 'vit.pt'}"))
+    lm, lm_tokenizer = load_lm(str(tmp_path / "gpt2"))
+    model = build_llava(vision=vision, lm=lm, tokenizer=lm_tokenizer, max_length=200)
+    assert model.image_token_count == 49  # 224 / 32 squared
+    test_a_few_steps_lower_the_loss(model)
+    assert isinstance(model.eval().answer(RED, "color?", max_new_tokens=3), str)
+
+
+def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, tiny_clip, tiny_lm_and_tokenizer):
+    from vlm.load import load_vlm
+    from vlm.train.llava import train_llava
+
+    lm, tokenizer = tiny_lm_and_tokenizer
+    tiny_clip.save(tmp_path / "clip")
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    conversations = [
+        {"id": str(i), "image": f"images/{name}", "conversations": [{"from": "human", "value": "<image>\ncolor?"}, {"from": "gpt", "value": name.split("-")[0]}]}
+        for i, name in enumerate(sorted(p.name for p in (shapes_dataset.parent / "images").iterdir()))
+    ]
+    (tmp_path / "conversations.json").write_text(json.dumps(conversations))
+    train = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0}
+    recipe = {
+        "vision": str(tmp_path / "clip"), "lm": str(tmp_path / "lm"), "max_length": 128, "val_fraction": 0.1,
+        "stage1": {"data": str(shapes_dataset), "train": train},
+        "stage2": {"data": str(tmp_path / "conversations.json"), "train": train},
+    }
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    metrics = train_llava(str(tmp_path / "recipe.json"), tmp_path / "run")
+    assert "val_answer_accuracy" in metrics
+    assert json.loads((tmp_path / "run" / "stage1" / "model_card.json").read_text())["stage"] == 1
+    model = load_vlm(str(tmp_path / "run"))
+    assert isinstance(model, LlavaModel) and isinstance(model.answer(RED, "color?"), str)

@@ -1,0 +1,81 @@
+"""Token generation shared by both visual language models.
+
+The model prepares a left-padded batch of prompt embeddings (`Prompt`); `generate`
+runs the prefill once, then decodes one token per step reusing the key/value cache,
+yielding each step's tokens so callers can stream. Positions come from the attention
+mask, so a left-padded prompt produces exactly the tokens it would alone.
+
+A model plugs in with two methods:
+    token_embeddings(ids (B, T)) -> (B, T, H)
+    step(embeds (B, T, H), attention_mask (B, T_total), position_ids (B, T), cache, prompt, start) -> (logits (B, T, V), cache)
+where `start` is how many tokens of each row the cache already holds (the model may
+need it, e.g. to know which image a generated token follows).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass (with temperature > 0)
+    use_cache: bool = True  # False recomputes the whole sequence each step (for comparison)
+    seed: int = 0  # sampling seed
+
+
+@dataclass
+class Prompt:
+    embeds: torch.Tensor  # (B, T, H) left-padded prompt embeddings
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    context: Any = None  # model-specific state (e.g. Flamingo's visual latents)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token counting only real ones (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) -> (B,) next tokens: argmax, or a sample from the top-p nucleus."""
+    if config.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > config.top_p  # keep the first token always
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompt: Prompt, *, stop_ids: tuple[int, ...], pad_id: int, config: GenerationConfig) -> Iterator[torch.Tensor]:
+    """Yield (B,) tokens per step until every row has produced one of `stop_ids` or the limit.
+
+    Rows that finished keep receiving `pad_id`.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    mask = prompt.attention_mask
+    batch = mask.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool)
+    logits, cache = model.step(prompt.embeds, mask, positions(mask), None, prompt, 0)
+    all_embeds = prompt.embeds
+    for _ in range(config.max_new_tokens):
+        token = _choose(logits[:, -1], config, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        yield token
+        done |= torch.isin(token, torch.tensor(stop_ids))
+        if done.all():
+            return
+        new_embeds = model.token_embeddings(token[:, None])  # (B, 1, H)
+        start = mask.shape[1]
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+        if config.use_cache:
+            logits, cache = model.step(new_embeds, mask, positions(mask)[:, -1:], cache, prompt, start)
+        else:
+            all_embeds = torch.cat([all_embeds, new_embeds], dim=1)
+            logits, _ = model.step(all_embeds, mask, positions(mask), None, prompt, 0)

@@ -1,0 +1,141 @@
+"""LLaVA-style visual language model: CLIP patch tokens -> projector -> spliced into a
+causal LM's input embeddings in place of the prompt's <image> token.
+
+    vqa = load_vlm("llava-easyvqa")
+    vqa.answer(image, "what color is the shape?")
+
+Each <image> in the prompt is expanded to `num_patches` image tokens when tokenised;
+their embeddings are replaced, in one vectorised masked_scatter, by the projected
+patch features (after checking the counts match). A saved model is one directory:
+config.json, model.safetensors (vision tower, projector and LM) and tokenizer files.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache
+
+from vlm import hub
+from vlm.chat import ChatMixin
+from vlm.clip import ClipConfig
+from vlm.conversation import IGNORE_INDEX, Encoded
+from vlm.errors import VlmError
+from vlm.generation import Prompt
+from vlm.lm import IMAGE_TOKEN, add_media_tokens, lm_from_config
+from vlm.projector import build_projector
+from vlm.vision import VisionTower
+
+
+@dataclass
+class LlavaConfig:
+    vision: dict  # VisionTower config: {"clip": ClipConfig as a dict, "layer": -2}
+    lm: dict  # the language model's Hugging Face config
+    projector: str = "mlp2x_gelu"  # see vlm/projector.py
+    max_length: int = 512  # tokens per sequence, image tokens included
+    kind: str = field(default="llava", init=False)
+
+
+class LlavaModel(ChatMixin, nn.Module):
+    def __init__(self, *, config: LlavaConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.vision = vision or VisionTower(clip_config=ClipConfig.from_dict(config.vision["clip"]), layer=config.vision["layer"])
+        self.lm = lm if lm is not None else lm_from_config(config.lm)
+        self.image_token_id = add_media_tokens(self.lm, tokenizer)[0]
+        self.config.lm = self.lm.config.to_dict()
+        hidden = self.lm.get_input_embeddings().embedding_dim
+        self.projector = build_projector(config.projector, self.vision.width, hidden)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def image_token_count(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def transform(self):
+        return self.vision.transform
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, S, S) -> (M, N, H) projected patch features."""
+        return self.projector(self.vision(pixels))
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def splice(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids with image tokens, (M, N, H) features -> (B, T, H) input embeddings.
+
+        Raises:
+            ValueError: the number of image tokens is not M * N.
+        """
+        embeds = self.token_embeddings(input_ids)
+        slots = input_ids == self.image_token_id  # (B, T)
+        n = self.image_token_count
+        given = 0 if image_features is None else image_features.shape[0]
+        if int(slots.sum()) != given * n:
+            raise ValueError(f"the text has {int(slots.sum()) / n:g} {IMAGE_TOKEN} placeholders but {given} images were given")
+        if given == 0:
+            return embeds
+        return embeds.masked_scatter(slots[..., None], image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+
+    def forward(self, *, input_ids, attention_mask, pixels=None, labels=None):
+        """Training/scoring pass. input_ids/attention_mask/labels: (B, T) with image tokens
+        already expanded; pixels: (M, 3, S, S) for the images in reading order.
+        Returns the LM's CausalLMOutputWithPast (loss when labels are given)."""
+        features = self.encode_images(pixels) if pixels is not None and len(pixels) else None
+        embeds = self.splice(input_ids, features)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def expand(self, encoded: Encoded) -> tuple[list[int], list[int]]:
+        """Each <image> token repeated N times (N = patch tokens per image), labels ignored there."""
+        ids, labels = [], []
+        for token, label in zip(encoded.ids, encoded.labels):
+            copies = self.image_token_count if token == self.image_token_id else 1
+            ids += [token] * copies
+            labels += [IGNORE_INDEX if copies > 1 else label] * copies
+        return ids, labels
+
+    def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
+        """Left-padded prompt embeddings from expanded token ids and each row's images."""
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        flat = [image for group in images for image in group]
+        features = torch.stack(self.image_features(flat)) if flat else None
+        with torch.inference_mode():
+            return Prompt(self.splice(input_ids, features), mask)
+
+    def step(self, embeds, attention_mask, position_ids, cache, prompt, start):
+        cache = cache if cache is not None else DynamicCache()
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hub.save_config(directory, asdict(self.config))
+        self.tokenizer.save_pretrained(directory)
+        hub.save_module(directory, self, dtype=dtype)
+
+    @classmethod
+    def load(cls, directory: Path) -> "LlavaModel":
+        data = hub.read_config(directory)
+        data.pop("kind", None)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = cls(config=LlavaConfig(**data), tokenizer=tokenizer)
+        hub.load_module(directory, model)
+        return model.eval()
+
+
+def build_llava(*, vision: VisionTower, lm: nn.Module, tokenizer, projector: str = "mlp2x_gelu", max_length: int = 512) -> LlavaModel:
+    """A new LLaVA model from a pretrained vision tower and LM (the projector is random)."""
+    if max_length > getattr(lm.config, "max_position_embeddings", max_length):
+        raise VlmError(f"max_length {max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
+    config = LlavaConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), projector=projector, max_length=max_length)
+    return LlavaModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

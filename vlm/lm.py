@@ -1,0 +1,123 @@
+"""Causal language models: any Hugging Face causal LM, or the tiny Llama-style default.
+
+    model, tokenizer = load_lm("lm-easyvqa")        # shipped name, HF directory or hub id
+
+The tiny default is a Llama architecture (RoPE, grouped-query attention, SwiGLU, RMSNorm,
+SDPA attention) with a byte-level BPE tokenizer trained here (`train_tokenizer`); both
+are saved with `save_pretrained`, so `AutoModelForCausalLM` / `AutoTokenizer` load them.
+Weights load from safetensors only.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+from vlm import hub
+from vlm.errors import VlmError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"  # where an image goes in a prompt
+CHUNK_END = "<|endofchunk|>"  # ends an interleaved image-text chunk (Flamingo)
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+MEDIA_TOKENS = (IMAGE_TOKEN, CHUNK_END)
+
+
+@dataclass
+class TinyLmConfig:
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4  # query heads of 64 dimensions
+    kv_heads: int = 2  # grouped-query attention: each key/value head serves 2 query heads
+    intermediate_size: int = 768  # SwiGLU hidden width
+    max_positions: int = 512  # longest sequence (RoPE needs no table, this is the cap)
+    vocab_size: int = 1024  # BPE vocabulary size to train
+    rope_theta: float = 10000.0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with our special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *MEDIA_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=list(MEDIA_TOKENS)
+    )
+
+
+def build_tiny_lm(config: TinyLmConfig, tokenizer) -> nn.Module:
+    """A randomly initialised Llama-style causal LM sized for `tokenizer`."""
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        max_position_embeddings=config.max_positions,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa")
+
+
+def lm_from_config(config: dict) -> nn.Module:
+    """An untrained causal LM from a Hugging Face config dict (weights loaded separately)."""
+    config = dict(config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa")
+
+
+def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """(model, tokenizer) from a shipped name, a Hugging Face model directory, or a hub id.
+
+    Raises:
+        VlmError: not found, or not loadable from safetensors.
+    """
+    directory = hub.resolve_dir(spec)
+    source = str(directory) if directory else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        names = ", ".join(hub.shipped_names()) or "none"
+        raise VlmError(f"cannot load language model {spec!r} ({str(e).splitlines()[0]}); shipped: {names}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def add_media_tokens(model: nn.Module, tokenizer) -> list[int]:
+    """Make sure the tokenizer knows <image> and <|endofchunk|> (adding rows to the
+    model's embeddings if needed); returns their ids."""
+    missing = [t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of any HF causal LM (model.model.layers for Llama and
+    Mixtral, model.transformer.h for GPT-2, ...): the ModuleList as long as the config says."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise VlmError(f"cannot find the {count} decoder layers of {type(model).__name__}")

@@ -1,0 +1,117 @@
+"""Recipe: pretrain a causal language model on text.
+
+    vlmstack train lm --recipe lm-easyvqa --out runs/lm
+
+Builds the tiny Llama-style default (and trains its BPE tokenizer on the corpus), or
+continues training any Hugging Face LM (`init`). The run directory ends up a Hugging Face
+model directory (save_pretrained), loadable by `load_lm` and AutoModelForCausalLM.
+"""
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlm import hub
+from vlm.conversation import encode_conversation, from_llava
+from vlm.data.conversations import easyvqa_conversations
+from vlm.data.sequences import CollateSequences, TokenDataset
+from vlm.data.sources import builtin_split
+from vlm.errors import VlmError
+from vlm.lm import IMAGE_TOKEN, TinyLmConfig, build_tiny_lm, load_lm, train_tokenizer
+from vlm.train.recipes import load_recipe
+from vlm.train.trainer import TrainConfig, Trainer, param_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LmRecipe:
+    data: str = "easyvqa:train"  # built-in split (its questions, answers and captions as chat turns, no images) or a .txt file, one document per line
+    init: str | None = None  # continue training this LM (directory or hub id) instead of a new tiny one
+    model: TinyLmConfig = field(default_factory=TinyLmConfig)  # the tiny LM (ignored with init)
+    max_length: int = 256  # tokens per training sequence; longer documents are cut
+    val_fraction: float = 0.02  # documents held out for the validation loss
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def corpus(spec: str) -> list[list[tuple[str, str]] | str]:
+    """Documents: chat conversations (turns) for a built-in split, lines of a .txt file."""
+    split = builtin_split(spec)
+    if split:
+        return [[(role, text.replace(f"{IMAGE_TOKEN}\n", "")) for role, text in from_llava(r)] for r in easyvqa_conversations(split)]
+    path = Path(spec)
+    if path.suffix != ".txt" or not path.is_file():
+        raise VlmError(f"{spec}: expected a built-in name or an existing .txt file")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _render(document) -> str:
+    return document if isinstance(document, str) else "\n".join(f"{role}: {text}" for role, text in document)
+
+
+def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int]]:
+    if isinstance(document, str):
+        ids = tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    else:
+        ids = encode_conversation(tokenizer, document).ids
+    ids = ids[:max_length]
+    return ids, list(ids)  # plain language modelling: every token is a target
+
+
+def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
+    recipe, recipe_json = load_recipe(LmRecipe, recipe_spec, "lm")
+    out = Path(out)
+    torch.manual_seed(recipe.train.seed)
+    documents = corpus(recipe.data)
+    if recipe.init:
+        model, tokenizer = load_lm(recipe.init)
+    else:
+        tokenizer = train_tokenizer((_render(d) for d in documents), recipe.model.vocab_size)
+        model = build_tiny_lm(recipe.model, tokenizer)
+    sequences = [_tokenize(tokenizer, d, recipe.max_length) for d in documents]
+    cut = max(1, int(len(sequences) * recipe.val_fraction)) if recipe.val_fraction > 0 else 0
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    order = torch.randperm(len(sequences), generator=generator).tolist()
+    val = [sequences[i] for i in order[:cut]]
+    train = [sequences[i] for i in order[cut:]]
+    log.info("%d training documents, %d validation; %d parameters", len(train), len(val), sum(p.numel() for p in model.parameters()))
+    collate = CollateSequences(tokenizer.pad_token_id)
+
+    def step(batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def evaluate() -> dict:
+        with torch.inference_mode():
+            losses = [step(collate([{"ids": i, "labels": l} for i, l in val[s : s + 64]])).item() for s in range(0, len(val), 64)]
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_perplexity": math.exp(loss)}
+
+    trainer = Trainer(
+        model=model,
+        groups=param_groups(model, recipe.train.weight_decay),
+        config=recipe.train,
+        run_dir=out,
+        dataset=TokenDataset(train),
+        collate=collate,
+        step_fn=step,
+        evaluate=evaluate if val else None,
+    )
+    metrics = trainer.fit(resume=resume)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    hub.update_card(
+        out,
+        kind="lm",
+        recipe=recipe_json,
+        resolved_recipe=asdict(recipe),
+        command=hub.command_line(),
+        train_seconds=round(trainer.train_seconds, 1),
+        parameters=sum(p.numel() for p in model.parameters()),
+        machine=hub.machine_info(),
+        validation=metrics,
+    )
+    return metrics

@@ -1,0 +1,64 @@
+"""Patch features from a CLIP ViT, the visual input of both VQA models.
+
+LLaVA-1.5 reads the patch tokens of the penultimate transformer layer (the last one is
+shaped for CLIP's pooled embedding, not for describing regions); `layer` picks any other.
+The class token is dropped. The tower is frozen by the training recipes, not here.
+"""
+
+from dataclasses import asdict
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from vlm.clip import Clip, ClipConfig
+from vlm.errors import VlmError
+from vlm.images import ImageTransform
+
+
+class VisionTower(nn.Module):
+    def __init__(self, *, clip_config: ClipConfig, layer: int = -2):
+        super().__init__()
+        self.clip_config = clip_config
+        cfg = clip_config.model_cfg
+        vision_cfg = open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"])
+        self.visual = open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+        if not isinstance(self.visual, VisionTransformer):
+            raise VlmError(f"{clip_config.source}: patch features need a ViT image tower, not {type(self.visual).__name__}")
+        depth = len(self.visual.transformer.resblocks)
+        self.layer_index = layer % depth  # -2 -> the penultimate block
+        if not -depth <= layer < depth:
+            raise VlmError(f"vision layer {layer} out of range for a {depth}-layer ViT")
+        self.layer = layer
+
+    @classmethod
+    def from_clip(cls, clip: Clip, *, layer: int = -2) -> "VisionTower":
+        tower = cls(clip_config=clip.config, layer=layer)
+        tower.visual.load_state_dict(clip.model.visual.state_dict())
+        return tower
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def num_patches(self) -> int:
+        height, width = self.visual.grid_size
+        return height * width
+
+    @property
+    def transform(self) -> ImageTransform:
+        size = self.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return ImageTransform(size, tuple(self.clip_config.image_mean), tuple(self.clip_config.image_std))
+
+    def config_dict(self) -> dict:
+        return {"clip": asdict(self.clip_config), "layer": self.layer}
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, num_patches, width) patch tokens of the chosen layer."""
+        out = self.visual.forward_intermediates(
+            pixels, indices=[self.layer_index], stop_early=True, output_fmt="NLC", intermediates_only=True
+        )
+        return out["image_intermediates"][0]
