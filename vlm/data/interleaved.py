@@ -1,0 +1,50 @@
+"""Multi-image training and evaluation data for Flamingo-style models, from easy-VQA.
+
+- few-shot sequences: 1..max_chunks (image, question, answer) chunks in Flamingo's
+  "<image>Question: q Answer: a<|endofchunk|>" format, every answer learnt;
+- comparison questions: two images, then "are both shapes the same color?" (or shape),
+  answered yes/no, half of each.
+"""
+
+import random
+
+from vlm.data import easyvqa
+from vlm.data.records import VqaRecord
+from vlm.lm import IMAGE_TOKEN
+
+PAIR_QUESTIONS = {
+    "color": "are both shapes the same color?",
+    "shape": "are both shapes the same shape?",
+}
+
+
+def fewshot_records(records: list[VqaRecord], count: int, *, max_chunks: int = 4, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        chunks = rng.sample(records, rng.randint(1, max_chunks))
+        out.append({"id": f"fewshot-{i}", "images": [r.image for r in chunks], "fewshot": [[r.question, r.answer] for r in chunks]})
+    return out
+
+
+def pair_records(images: list[easyvqa.EasyVqaImage], count: int, *, seed: int = 0) -> list[dict]:
+    """Two-image comparisons, balanced between yes and no for each attribute."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        attribute = "color" if i % 2 == 0 else "shape"
+        want_same = i % 4 < 2
+        first = rng.choice(images)
+        while True:
+            second = rng.choice(images)
+            if second.path != first.path and (getattr(first, attribute) == getattr(second, attribute)) == want_same:
+                break
+        out.append({
+            "id": f"pair-{i}",
+            "images": [first.path, second.path],
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{PAIR_QUESTIONS[attribute]}"},
+                {"from": "gpt", "value": "yes" if want_same else "no"},
+            ],
+        })
+    return out

@@ -1,0 +1,172 @@
+"""Flamingo-style visual language model: a frozen causal LM whose decoder layers get gated
+cross-attention blocks reading Perceiver-Resampler latents of the images.
+
+    vqa = load_vlm("flamingo-easyvqa")
+    vqa.answer(image, "what color is the shape?")
+    vqa.chat([{"role": "user", "content": "<image>\\n<image>\\nare both shapes the same color?"}], [a, b])
+
+An image is one <image> token in the text; each token attends to the latents of the
+most recent image before it (vlm/xattn.py). Any number of images may be interleaved.
+Image latents are computed once per image and reused across decode steps and turns.
+A saved model is one directory: config.json, model.safetensors, tokenizer files.
+"""
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache
+
+from vlm import hub
+from vlm.chat import ChatMixin
+from vlm.clip import ClipConfig
+from vlm.conversation import Encoded
+from vlm.errors import VlmError
+from vlm.generation import Prompt
+from vlm.lm import IMAGE_TOKEN, add_media_tokens, decoder_layers, lm_from_config
+from vlm.resampler import PerceiverResampler
+from vlm.vision import VisionTower
+from vlm.xattn import GatedCrossAttentionBlock, MediaState, media_index, wrap_layers
+
+
+@dataclass
+class FlamingoConfig:
+    vision: dict  # VisionTower config: {"clip": ClipConfig as a dict, "layer": -2}
+    lm: dict  # the language model's Hugging Face config
+    resampler: dict = field(default_factory=lambda: {"depth": 2, "heads": 2, "head_dim": 64, "num_latents": 16, "max_frames": 4})
+    cross_attn_every: int = 1  # a gated cross-attention block before every Nth decoder layer
+    xattn_heads: int = 4
+    xattn_head_dim: int = 64
+    max_length: int = 256  # tokens per sequence (an image is one token)
+    kind: str = field(default="flamingo", init=False)
+
+
+@dataclass
+class FlamingoContext:
+    """Per-prompt state for generation: the images' latents and which image each token follows."""
+
+    latents: torch.Tensor  # (B, M, R, D)
+    media_index: torch.Tensor  # (B, T) for the prompt tokens
+
+    def index_for(self, start: int, length: int) -> torch.Tensor:
+        """(B, length) media index of tokens start..start+length; generated tokens follow
+        the prompt's last image."""
+        prompt_length = self.media_index.shape[1]
+        at = torch.arange(start, start + length)
+        inside = self.media_index[:, at.clamp(max=prompt_length - 1)]
+        return torch.where(at[None] < prompt_length, inside, self.media_index[:, -1:])
+
+
+class FlamingoModel(ChatMixin, nn.Module):
+    def __init__(self, *, config: FlamingoConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.vision = vision or VisionTower(clip_config=ClipConfig.from_dict(config.vision["clip"]), layer=config.vision["layer"])
+        self.lm = lm if lm is not None else lm_from_config(config.lm)
+        self.image_token_id, self.chunk_end_id = add_media_tokens(self.lm, tokenizer)
+        self.config.lm = self.lm.config.to_dict()
+        self.resampler = PerceiverResampler(dim=self.vision.width, **config.resampler)
+        hidden = self.lm.get_input_embeddings().embedding_dim
+
+        def make_block() -> GatedCrossAttentionBlock:
+            return GatedCrossAttentionBlock(dim=hidden, media_dim=self.vision.width, heads=config.xattn_heads, head_dim=config.xattn_head_dim)
+
+        self._wrapped = wrap_layers(decoder_layers(self.lm), every=config.cross_attn_every, make_block=make_block)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def image_token_count(self) -> int:
+        return 1
+
+    @property
+    def transform(self):
+        return self.vision.transform
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, S, S) -> (M, R, D) resampled latents (one frame per image)."""
+        return self.resampler(self.vision(pixels)[:, None])
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def expand(self, encoded: Encoded) -> tuple[list[int], list[int]]:
+        return encoded.ids, encoded.labels  # an image is its one <image> token
+
+    @contextlib.contextmanager
+    def media(self, latents: torch.Tensor, index: torch.Tensor):
+        """Make the wrapped layers cross-attend to `latents` (B, M, R, D) during an LM call."""
+        state = MediaState(latents, index)
+        for layer in self._wrapped:
+            layer.media = state
+        try:
+            yield
+        finally:
+            for layer in self._wrapped:
+                layer.media = None
+
+    def batch_latents(self, per_image: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+        """Images' (R, D) latents in reading order -> (B, M, R, D), zero-padded per row (at
+        least one slot, so text-only rows still run the blocks' feed-forwards)."""
+        r, d = self.config.resampler["num_latents"], self.vision.width
+        out = torch.zeros(len(counts), max(1, max(counts, default=0)), r, d)
+        start = 0
+        for row, count in enumerate(counts):
+            if count:
+                out[row, :count] = torch.stack(per_image[start : start + count])
+            start += count
+        if start != len(per_image):
+            raise ValueError(f"the text has {start} {IMAGE_TOKEN} placeholders but {len(per_image)} images were given")
+        return out
+
+    def forward(self, *, input_ids, attention_mask, pixels=None, labels=None):
+        """Training/scoring pass; pixels (M, 3, S, S) are the batch's images in reading order.
+        Returns the LM's CausalLMOutputWithPast (loss when labels are given)."""
+        latents = list(self.encode_images(pixels)) if pixels is not None and len(pixels) else []
+        counts = (input_ids == self.image_token_id).sum(-1).tolist()
+        with self.media(self.batch_latents(latents, counts), media_index(input_ids, self.image_token_id)):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        flat = [image for group in images for image in group]
+        latents = self.batch_latents(self.image_features(flat) if flat else [], [len(group) for group in images])
+        with torch.inference_mode():
+            return Prompt(self.token_embeddings(input_ids), mask, FlamingoContext(latents, media_index(input_ids, self.image_token_id)))
+
+    def step(self, embeds, attention_mask, position_ids, cache, prompt, start):
+        cache = cache if cache is not None else DynamicCache()
+        with self.media(prompt.context.latents, prompt.context.index_for(start, embeds.shape[1])):
+            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hub.save_config(directory, asdict(self.config))
+        self.tokenizer.save_pretrained(directory)
+        hub.save_module(directory, self, dtype=dtype)
+
+    @classmethod
+    def load(cls, directory: Path) -> "FlamingoModel":
+        data = hub.read_config(directory)
+        data.pop("kind", None)
+        model = cls(config=FlamingoConfig(**data), tokenizer=AutoTokenizer.from_pretrained(str(directory)))
+        hub.load_module(directory, model)
+        return model.eval()
+
+
+def build_flamingo(*, vision: VisionTower, lm: nn.Module, tokenizer, **options) -> FlamingoModel:
+    """A new Flamingo model around a pretrained vision tower and LM; resampler and
+    cross-attention blocks are random, gates are 0 (the LM is unchanged)."""
+    config = FlamingoConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), **options)
+    if config.max_length > getattr(lm.config, "max_position_embeddings", config.max_length):
+        raise VlmError(f"max_length {config.max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
+    return FlamingoModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

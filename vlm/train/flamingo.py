@@ -1,0 +1,87 @@
+"""Recipe: train a Flamingo-style model.
+
+    vlmstack train flamingo --recipe flamingo-easyvqa --out runs/flamingo
+
+The vision tower and the language model stay frozen; the Perceiver Resampler, the gated
+cross-attention blocks and the embeddings of the new tokens (<image>, <|endofchunk|>)
+learn. Data: a split's conversations (questions and captions), few-shot interleaved
+sequences and two-image comparisons (built-in easy-VQA), or a LLaVA JSON file.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlm.clip import load_clip
+from vlm.data import easyvqa
+from vlm.data.interleaved import fewshot_records, pair_records
+from vlm.data.sequences import record_images
+from vlm.data.sources import builtin_split, conversation_records
+from vlm.flamingo import FlamingoModel, build_flamingo
+from vlm.lm import load_lm
+from vlm.train.recipes import load_recipe
+from vlm.train.splits import held_out
+from vlm.train.trainer import TrainConfig
+from vlm.train.vlm_stage import train_stage
+from vlm.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlamingoRecipe:
+    vision: str = "clip-easyvqa"  # any CLIP load_clip accepts, with a ViT image tower
+    vision_layer: int = -2  # transformer block whose patch tokens feed the resampler
+    lm: str = "lm-easyvqa"  # any causal LM load_lm accepts (frozen)
+    resampler: dict = field(default_factory=lambda: {"depth": 2, "heads": 2, "head_dim": 64, "num_latents": 16, "max_frames": 4})
+    cross_attn_every: int = 1  # a gated cross-attention block before every Nth LM layer
+    xattn_heads: int = 4
+    xattn_head_dim: int = 64
+    max_length: int = 256  # tokens per sequence (an image is one token)
+    data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
+    fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
+    pair_questions: int = 8000  # two-image comparisons (built-in data only)
+    val_fraction: float = 0.02  # images held out for validation
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def freeze_for_flamingo(model: FlamingoModel) -> None:
+    """Only the resampler, the cross-attention blocks and the new tokens' embedding rows
+    learn. The embedding matrix stays one parameter; a gradient hook zeroes every other
+    row (and embeddings get no weight decay, so those rows never move)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("resampler.") or ".xattn." in name
+    embeddings = model.lm.get_input_embeddings().weight
+    embeddings.requires_grad = True
+    rows = torch.zeros(embeddings.shape[0], 1)
+    rows[[model.image_token_id, model.chunk_end_id]] = 1
+    embeddings.register_hook(lambda grad: grad * rows)
+
+
+def training_records(recipe: FlamingoRecipe) -> list[dict]:
+    records = conversation_records(recipe.data)
+    split = builtin_split(recipe.data)
+    if split:
+        records += fewshot_records(easyvqa.vqa_records(split), recipe.fewshot_sequences, seed=1)
+        records += pair_records(list(easyvqa.images(split)), recipe.pair_questions, seed=2)
+    return records
+
+
+def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
+    recipe, recipe_json = load_recipe(FlamingoRecipe, recipe_spec, "flamingo")
+    torch.manual_seed(recipe.train.seed)
+    vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
+    lm, tokenizer = load_lm(recipe.lm)
+    model = build_flamingo(
+        vision=vision, lm=lm, tokenizer=tokenizer, resampler=recipe.resampler, cross_attn_every=recipe.cross_attn_every,
+        xattn_heads=recipe.xattn_heads, xattn_head_dim=recipe.xattn_head_dim, max_length=recipe.max_length,
+    )
+    freeze_for_flamingo(model)
+    records = training_records(recipe)
+    # A sequence is validation if any of its images is held out; training never sees them.
+    val = [r for r in records if any(held_out(p, recipe.val_fraction) for p in record_images(r))]
+    train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
+    card = {"kind": "flamingo", "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
+    return train_stage(model, records=train, val_records=val, config=recipe.train, run_dir=Path(out), resume=resume, card=card)
