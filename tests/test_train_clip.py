@@ -53,16 +53,16 @@ def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path, shapes_dataset, m
     crashed = tmp_path / "crashed"
     original = trainer_module.Trainer._train_step
 
-    def crash_at_step_5(self, batch):
-        if self.step == 5:
+    def crash_at_step_7(self, batch):
+        if self.step == 7:
             raise KeyboardInterrupt
         return original(self, batch)
 
-    monkeypatch.setattr(trainer_module.Trainer, "_train_step", crash_at_step_5)
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)), crashed)
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", original)
-    assert json.loads((crashed / "checkpoint.json").read_text())["step"] == 3
+    assert json.loads((crashed / "checkpoint.json").read_text())["step"] == 6  # mid-epoch checkpoint
     train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)), crashed, resume=True)
     assert _losses(crashed) == pytest.approx(_losses(full), rel=1e-4)
 

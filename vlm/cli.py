@@ -16,6 +16,9 @@ EXIT_USAGE = 2
 
 
 def _train(args) -> None:
+    from vlm.train import distributed
+
+    distributed.init_from_env()  # under torchrun: join the process group
     if args.kind == "clip":
         from vlm.train.clip import train_clip
 
@@ -32,7 +35,8 @@ def _train(args) -> None:
         from vlm.train.flamingo import train_flamingo
 
         metrics = train_flamingo(args.recipe, args.out, resume=args.resume)
-    print(json.dumps({"out": args.out, "validation": metrics}))
+    if distributed.is_main():
+        print(json.dumps({"out": args.out, "validation": metrics}))
 
 
 def _eval(args) -> None:
@@ -80,6 +84,32 @@ def _search(args) -> None:
             print(json.dumps({"rank": hit.rank, "score": round(hit.score, 6), "path": hit.path}))
         else:
             print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+
+
+def _caption(args) -> None:
+    from apps.caption import caption_folder
+    from vlm.load import load_vlm
+
+    report = caption_folder(
+        args.folder,
+        model=load_vlm(args.model),
+        out=args.out,
+        fmt=args.format,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        recursive=args.recursive,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+
+
+def _app(args) -> None:
+    from apps.gradio_app import launch
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("vlmstack").warning("serving on %s: anyone who can reach this address can use the app", args.host)
+    launch(index=args.index, host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,11 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", default=None, help="must match the index's model (default: the index's)")
     search.add_argument("--json", action="store_true", help='one {"rank", "score", "path"} object per line')
     search.set_defaults(run=_search)
+
+    caption = commands.add_parser("caption", help="caption every image in a folder (resumable)")
+    caption.add_argument("folder", help="folder of images")
+    caption.add_argument("--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory")
+    caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
+    caption.add_argument("--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl")
+    caption.add_argument("--prompt", default="Describe the image.", help="instruction given with each image")
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--max-new-tokens", type=int, default=32)
+    caption.add_argument("--recursive", action="store_true", help="include images in subfolders")
+    caption.add_argument("--overwrite", action="store_true", help="start over instead of skipping images already captioned")
+    caption.set_defaults(run=_caption)
+
+    app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
+    app.add_argument("--index", default=None, help="index to search (default: the easy-VQA test images, built once)")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
+    app.set_defaults(run=_app)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "caption" and args.format is None:
+        args.format = "csv" if (args.out or "").endswith(".csv") else "jsonl"
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -56,3 +56,10 @@ def read_captions(path: str | Path) -> list[CaptionRecord]:
 def read_vqa(path: str | Path) -> list[VqaRecord]:
     columns = ("image", "question", "answer")
     return [VqaRecord(r["image"], r["question"], r["answer"]) for r in read_rows(path, columns)]
+
+
+def first_row_columns(path: str | Path) -> set[str]:
+    """The columns of a .jsonl/.csv file's first row (to tell VQA data from captions)."""
+    for row in read_rows(path, ()):
+        return set(row)
+    return set()

@@ -1,8 +1,8 @@
 """Resolve a data argument (`easyvqa:train`, `easyvqa:test`, or a file) to records."""
 
 from vlm.data import easyvqa
-from vlm.data.conversations import caption_conversations, easyvqa_conversations, read_llava_json
-from vlm.data.files import read_captions, read_vqa
+from vlm.data.conversations import caption_conversations, easyvqa_conversations, read_llava_json, vqa_conversations
+from vlm.data.files import first_row_columns, read_captions, read_vqa
 from vlm.data.records import CaptionRecord, VqaRecord
 from vlm.errors import VlmError
 
@@ -31,10 +31,19 @@ def vqa_records(spec: str) -> list[VqaRecord]:
 
 
 def conversation_records(spec: str, *, kind: str = "conversations") -> list[dict]:
-    """LLaVA-format records. kind="conversations": a built-in split's questions and
-    captions, or a LLaVA JSON file; kind="captions": caption exchanges from a built-in
-    split or a caption file."""
+    """LLaVA-format records.
+
+    kind="captions": one describe-the-image exchange per caption (built-in split or
+    caption file). kind="conversations": a built-in split's questions and captions, a
+    LLaVA JSON file (.json), or a VQA or caption file (.jsonl/.csv) turned into exchanges.
+    """
     if kind == "captions":
         return caption_conversations(caption_records(spec))
     split = builtin_split(spec)
-    return easyvqa_conversations(split) if split else read_llava_json(spec)
+    if split:
+        return easyvqa_conversations(split)
+    if spec.endswith(".json"):
+        return read_llava_json(spec)
+    if "question" in first_row_columns(spec):
+        return vqa_conversations(read_vqa(spec))
+    return caption_conversations(read_captions(spec))

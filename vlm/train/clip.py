@@ -3,7 +3,7 @@
     vlmstack train clip --recipe clip-easyvqa --out runs/clip
 
 Identical captions in a batch are one text with several positive images (vlm/losses.py),
-never negatives of each other. The run directory ends up a loadable model directory.
+never negatives of each other; under torchrun the batch is gathered from all ranks. The run directory ends up a loadable model directory.
 """
 
 import logging
@@ -21,7 +21,8 @@ from vlm.data.image_text import CollateImageText, ImageTextDataset
 from vlm.data.sources import caption_records
 from vlm.errors import VlmError
 from vlm.eval.clip import evaluate_clip
-from vlm.losses import clip_loss, dedupe_texts, siglip_loss
+from vlm.train import distributed
+from vlm.train.objectives import ContrastiveLoss
 from vlm.train.recipes import load_recipe
 from vlm.train.splits import split_by_image
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
@@ -66,14 +67,6 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
     dataset = ImageTextDataset(train_records, transform=clip.transform, augment=augment)
     model = clip.model
 
-    def step(batch: dict) -> torch.Tensor:
-        texts, targets = dedupe_texts(batch["tokens"])
-        image_features = clip.image_features(batch["pixels"])
-        text_features = clip.text_features(texts)
-        if recipe.loss == "siglip":
-            return siglip_loss(image_features, text_features, targets, model.logit_scale, model.logit_bias)
-        return clip_loss(image_features, text_features, targets, model.logit_scale)
-
     def clamp_temperature() -> None:
         with torch.no_grad():  # CLIP caps the logit scale at 100
             model.logit_scale.clamp_(0, math.log(100))
@@ -85,12 +78,14 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         run_dir=out,
         dataset=dataset,
         collate=CollateImageText(clip.tokenizer),
-        step_fn=step,
+        objective=ContrastiveLoss(clip, loss=recipe.loss),
         evaluate=(lambda: evaluate_clip(clip, val_records, progress=False)) if val_records else None,
         after_step=clamp_temperature,
     )
     started = time.time()
     metrics = trainer.fit(resume=resume)
+    if not distributed.is_main():
+        return metrics
     clip.save(out)
     hub.update_card(
         out,

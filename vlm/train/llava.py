@@ -13,6 +13,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from vlm import hub
 from vlm.clip import load_clip
 from vlm.data.sources import conversation_records
@@ -59,6 +61,7 @@ def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume
         if stage == "all" and resume and stage1_done:
             log.info("stage 1 already finished in %s", out / "stage1")
         else:
+            torch.manual_seed(recipe.stage1.train.seed)  # the projector's initialisation
             model = _new_model(recipe)
             metrics = _run_stage(model, recipe, recipe_json, 1, out / "stage1", resume=resume)
     if stage in ("all", "2"):

@@ -22,6 +22,8 @@ from vlm.data.sequences import CollateSequences, TokenDataset
 from vlm.data.sources import builtin_split
 from vlm.errors import VlmError
 from vlm.lm import IMAGE_TOKEN, TinyLmConfig, build_tiny_lm, load_lm, train_tokenizer
+from vlm.train import distributed
+from vlm.train.objectives import LanguageModelLoss
 from vlm.train.recipes import load_recipe
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
 
@@ -81,12 +83,11 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     log.info("%d training documents, %d validation; %d parameters", len(train), len(val), sum(p.numel() for p in model.parameters()))
     collate = CollateSequences(tokenizer.pad_token_id)
 
-    def step(batch: dict) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    objective = LanguageModelLoss(model, images=False)
 
     def evaluate() -> dict:
         with torch.inference_mode():
-            losses = [step(collate([{"ids": i, "labels": l} for i, l in val[s : s + 64]])).item() for s in range(0, len(val), 64)]
+            losses = [objective(collate([{"ids": i, "labels": l} for i, l in val[s : s + 64]])).item() for s in range(0, len(val), 64)]
         loss = sum(losses) / len(losses)
         return {"val_loss": loss, "val_perplexity": math.exp(loss)}
 
@@ -97,10 +98,12 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
         run_dir=out,
         dataset=TokenDataset(train),
         collate=collate,
-        step_fn=step,
+        objective=objective,
         evaluate=evaluate if val else None,
     )
     metrics = trainer.fit(resume=resume)
+    if not distributed.is_main():
+        return metrics
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     hub.update_card(

@@ -4,6 +4,10 @@ AdamW with linear warmup and cosine decay, gradient clipping, optional bf16 auto
 seeded per-epoch shuffle, and checkpoints from which a resumed run continues with the
 same batches it would have seen. Progress is a tqdm bar; the run directory gets
 `metrics.csv` (training loss), `eval.csv` (validation metrics per epoch) and `curves.png`.
+
+Under torchrun the objective is wrapped in DistributedDataParallel; `batch_size` is the
+global batch, each rank taking its share of every batch, and only rank 0 logs,
+evaluates and checkpoints. Same seed and global batch, same run, for any process count.
 """
 
 import logging
@@ -20,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlm.progress import progress_bar
 
 from vlm.errors import VlmError
-from vlm.train import checkpoint
+from vlm.train import checkpoint, distributed
 from vlm.train.curves import CsvLog, plot_curves
 
 log = logging.getLogger(__name__)
@@ -78,13 +82,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 class Trainer:
-    """Runs `step_fn` over `dataset` and keeps the run directory up to date.
+    """Runs `objective` over `dataset` and keeps the run directory up to date.
 
     Args:
-        model: the module whose state is checkpointed (all of it, trainable or not).
+        model: the module whose trainable state is checkpointed.
+        objective: a module whose forward(batch dict) returns the scalar loss, sharing
+            `model`'s parameters (DDP wraps it under torchrun).
         groups: optimiser parameter groups (see `param_groups`).
-        step_fn: batch dict -> scalar loss (the forward pass; backward happens here).
-        evaluate: () -> dict of validation metrics, called at each epoch end.
+        evaluate: () -> dict of validation metrics, called at each epoch end (rank 0).
         after_step: called after each optimiser step (e.g. to clamp a parameter).
     """
 
@@ -97,13 +102,19 @@ class Trainer:
         run_dir: Path,
         dataset: Dataset,
         collate: Callable,
-        step_fn: Callable[[dict], torch.Tensor],
+        objective: nn.Module,
         evaluate: Callable[[], dict] | None = None,
         after_step: Callable[[], None] | None = None,
     ):
         self.model, self.config, self.run_dir = model, config, Path(run_dir)
         self.dataset, self.collate = dataset, collate
-        self.step_fn, self.evaluate, self.after_step = step_fn, evaluate, after_step
+        self.evaluate, self.after_step = evaluate, after_step
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if config.batch_size % self.world:
+            raise VlmError(f"batch_size {config.batch_size} does not split evenly over {self.world} processes")
+        self.objective = objective
+        if self.world > 1:
+            self.objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
         self.batches_per_epoch = len(dataset) // config.batch_size
         if self.batches_per_epoch == 0:
@@ -119,10 +130,11 @@ class Trainer:
         last validation metrics."""
         self._start(resume)
         config = self.config
-        bar = progress_bar(total=self.total_steps, initial=self.step, desc="training", unit="step")
+        main = distributed.is_main()
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.batches_per_epoch)
-            batches = epoch_batches(len(self.dataset), config.batch_size, config.seed, epoch)[first:]
+            batches = [b[self.rank :: self.world] for b in epoch_batches(len(self.dataset), config.batch_size, config.seed, epoch)[first:]]
             # Seeds augmentation here and in the workers, so a resumed run sees the same images.
             torch.manual_seed(config.seed * 7919 + self.step)
             random.seed(config.seed * 7919 + self.step)
@@ -137,28 +149,34 @@ class Trainer:
                 if len(losses) == config.log_every or at_epoch_end:
                     self.train_seconds += time.perf_counter() - started
                     started = time.perf_counter()
-                    self._log(epoch, losses)
+                    if main:
+                        self._log(epoch, losses)
                     losses = []
-                if at_epoch_end:
+                if at_epoch_end and main:
                     self._evaluate(epoch)
                     plot_curves(self.train_log, self.eval_log, self.run_dir / "curves.png")
-                if at_epoch_end or self.step % config.checkpoint_every == 0:
+                if (at_epoch_end or self.step % config.checkpoint_every == 0) and main:
                     self._save()
+                if at_epoch_end:
+                    distributed.barrier()
         bar.close()
         return self.last_eval
 
     def _train_step(self, batch: dict) -> float:
+        """One optimiser step; returns the loss averaged over ranks."""
         for reason in batch["skipped"]:
             log.warning("skipped %s", reason)
-        self.skipped += len(batch["skipped"])
+        self.skipped += round(distributed.average(len(batch["skipped"])) * self.world)
         factor = lr_factor(self.step, self.total_steps, self.config.warmup_steps, self.config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * factor
-        if batch["size"] == 0:
+        if batch["size"] == 0:  # every example of this batch was unreadable
+            if self.world > 1:  # the other ranks would wait for this one forever
+                raise VlmError(f"all {len(batch['skipped'])} examples of a batch share were unreadable; check the data")
             return float("nan")
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            loss = self.step_fn(batch)
+            loss = self.objective(batch)
         loss.backward()
         if self.config.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -167,7 +185,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.after_step is not None:
             self.after_step()
-        return loss.item()
+        return distributed.average(loss.item())
 
     def _log(self, epoch: int, losses: list[float]) -> None:
         finite = [x for x in losses if math.isfinite(x)]
@@ -203,13 +221,15 @@ class Trainer:
     def _start(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         exists = checkpoint.has_checkpoint(self.run_dir)
+        distributed.barrier()  # every rank has looked before rank 0 may clear the logs
         if exists and not resume:
             raise VlmError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
         if not exists:
             if resume:
                 log.warning("%s has no checkpoint; starting from scratch", self.run_dir)
-            self.train_log.path.unlink(missing_ok=True)
-            self.eval_log.path.unlink(missing_ok=True)
+            if distributed.is_main():
+                self.train_log.path.unlink(missing_ok=True)
+                self.eval_log.path.unlink(missing_ok=True)
             return
         state = checkpoint.load_checkpoint(self.run_dir)
         missing = {name for name, p in self.model.named_parameters() if p.requires_grad} - set(state["model"])
@@ -218,6 +238,7 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_seconds, self.skipped = state["step"], state["train_seconds"], state["skipped"]
-        self.train_log.truncate_after(self.step)
-        self.eval_log.truncate_after(self.step)
+        if distributed.is_main():
+            self.train_log.truncate_after(self.step)
+            self.eval_log.truncate_after(self.step)
         log.info("resumed %s at step %d of %d", self.run_dir, self.step, self.total_steps)

@@ -13,6 +13,8 @@ import torch
 from vlm import hub
 from vlm.conversation import IGNORE_INDEX
 from vlm.data.sequences import CollateSequences, ConversationDataset, encode_records
+from vlm.train import distributed
+from vlm.train.objectives import LanguageModelLoss
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,17 @@ def train_stage(model, *, records: list[dict], val_records: list[dict], config: 
         run_dir=run_dir,
         dataset=ConversationDataset(sequences, transform=model.transform),
         collate=collate,
-        step_fn=lambda batch: run(batch).loss,
+        objective=LanguageModelLoss(model, images=True),
         evaluate=evaluate if val_sequences else None,
     )
     metrics = trainer.fit(resume=resume)
+    if distributed.is_main():
+        _save(model, run_dir, trainer, card, metrics)
+    distributed.barrier()  # a next stage on other ranks starts from the saved model
+    return metrics
+
+
+def _save(model, run_dir: Path, trainer: Trainer, card: dict, metrics: dict) -> None:
     model.save(run_dir)
     hub.update_card(
         run_dir,
@@ -84,4 +93,3 @@ def train_stage(model, *, records: list[dict], val_records: list[dict], config: 
         machine=hub.machine_info(),
         validation=metrics,
     )
-    return metrics
