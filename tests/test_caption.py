@@ -1,0 +1,111 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+from PIL import Image
+
+from apps.caption import caption_folder
+from vlm.errors import VlmError
+from tests.conftest import draw_shape
+
+
+@pytest.fixture
+def model_dir(tiny_llava, tmp_path):
+    tiny_llava.save(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _huge_header_png(path):
+    """A valid-looking PNG whose header claims 100000 x 100000 pixels."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = (100000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "circle")]):
+        draw_shape(color, shape).save(folder / f"good{i}.png")
+    jpeg = folder / "cut.jpg"
+    draw_shape("red", "rectangle").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is text, not a picture")
+    _huge_header_png(folder / "huge.png")
+    return folder
+
+
+def test_bad_files_are_reported_and_the_rest_captioned(tiny_llava, messy_folder, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    report = caption_folder(messy_folder, model=tiny_llava, out=out, batch_size=2, max_new_tokens=4, progress=False)
+    assert report.captioned == 3
+    assert sorted(reason.split(":")[0].rsplit("/", 1)[-1] for reason in report.failed) == ["cut.jpg", "empty.png", "huge.png", "notes.png"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == ["pictures/good0.png", "pictures/good1.png", "pictures/good2.png"]
+    assert "4 failed" in report.summary()
+
+
+def test_a_second_run_skips_what_is_done(tiny_llava, messy_folder, tmp_path):
+    out = tmp_path / "captions.csv"
+    caption_folder(messy_folder, model=tiny_llava, out=out, fmt="csv", max_new_tokens=4, progress=False)
+    draw_shape("blue", "circle").save(messy_folder / "later.png")
+    report = caption_folder(messy_folder, model=tiny_llava, out=out, fmt="csv", max_new_tokens=4, progress=False)
+    assert (report.captioned, report.already_done) == (1, 3)
+    with out.open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    again = caption_folder(messy_folder, model=tiny_llava, out=out, fmt="csv", overwrite=True, max_new_tokens=4, progress=False)
+    assert again.captioned == 4
+
+
+def test_txt_format_writes_beside_each_image(tiny_llava, tmp_path):
+    (tmp_path / "sub").mkdir()
+    draw_shape("red", "circle").save(tmp_path / "a.png")
+    draw_shape("blue", "circle").save(tmp_path / "sub" / "b.png")
+    report = caption_folder(tmp_path, model=tiny_llava, out=None, fmt="txt", recursive=True, max_new_tokens=4, progress=False)
+    assert report.captioned == 2
+    assert (tmp_path / "a.txt").is_file() and (tmp_path / "sub" / "b.txt").is_file()
+
+
+def test_batched_captions_equal_one_at_a_time(tiny_llava, messy_folder, tmp_path):
+    one = caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "1.jsonl", batch_size=1, max_new_tokens=6, progress=False)
+    many = caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "8.jsonl", batch_size=8, max_new_tokens=6, progress=False)
+    assert one.captioned == many.captioned
+    assert (tmp_path / "1.jsonl").read_text() == (tmp_path / "8.jsonl").read_text()
+
+
+def test_empty_folder_is_an_error(tiny_llava, tmp_path):
+    with pytest.raises(VlmError, match="no images"):
+        caption_folder(tmp_path, model=tiny_llava, out=tmp_path / "x.jsonl", progress=False)
+
+
+def test_killed_run_resumed_captions_every_image_exactly_once(model_dir, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        draw_shape(["red", "blue", "green"][i % 3], "circle", offset=i % 8).save(folder / f"{i:03d}.png")
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "vlm.cli", "caption", str(folder), "--model", str(model_dir), "--out", str(out),
+               "--batch-size", "1", "--max-new-tokens", "24"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = len(out.read_bytes().splitlines())
+    assert 3 <= first < 40, "the run should have been killed part-way"
+    with out.open("ab") as f:
+        f.write(b'{"image": "many/0')  # as if the kill landed mid-row
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
+    images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert sorted(images) == sorted(f"many/{i:03d}.png" for i in range(40))
