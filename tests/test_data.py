@@ -97,3 +97,22 @@ def test_easyvqa_caption_matches_the_what_questions():
             assert by_path[record.image].color == record.answer
         if record.question == "what shape is in the image?":
             assert by_path[record.image].shape == record.answer
+
+
+def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_forms():
+    import re
+
+    by_path = {im.path: im for im in easyvqa.images("train")}
+    own_forms = {re.sub(r"\b(%s)\b" % "|".join(easyvqa.COLORS + easyvqa.SHAPES), "X", r.question) for r in vqa_records("easyvqa:train")}
+    records = easyvqa.balanced_yes_no("train", 4)
+    assert len(records) == 4 * len(by_path)
+    for record in records:
+        words = set(re.findall(r"[a-z]+", record.question))
+        (subject,) = words & set(easyvqa.COLORS + easyvqa.SHAPES)
+        image = by_path[record.image]
+        stated = (record.answer == "yes") != bool(easyvqa._NEGATED.search(record.question))
+        assert stated == (subject in (image.color, image.shape)), record
+        assert re.sub(r"\b%s\b" % subject, "X", record.question) in own_forms
+    yes = sum(r.answer == "yes" for r in records) / len(records)
+    about_the_image = sum(set(re.findall(r"[a-z]+", r.question)) & {by_path[r.image].color, by_path[r.image].shape} != set() for r in records)
+    assert 0.45 < yes < 0.55 and about_the_image == len(records) // 2

@@ -24,14 +24,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Transparent pixels are composited onto white: what a viewer shows for a cut-out image.
 _BACKGROUND = (255, 255, 255)
 
-ImageSource = Union[str, Path, bytes, Image.Image]
+# A path, the file's bytes, a PIL image, or anything with read_bytes() (e.g. an image
+# inside a webdataset shard, vlm.data.webdataset.TarMember).
+ImageSource = Union[str, Path, bytes, Image.Image, object]
 
 
 def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image as RGB, with its EXIF orientation applied.
 
     Args:
-        source: a file path, the file's bytes, or a PIL image.
+        source: a file path, the file's bytes, a PIL image, or an object with read_bytes().
         max_pixels: refuse images with more pixels than this (checked before decoding).
     Returns:
         A fully decoded RGB PIL image.
@@ -39,6 +41,11 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
         ImageError: the file is missing, empty, truncated, not an image, or too large.
     """
     name = "<image>" if isinstance(source, (bytes, Image.Image)) else str(source)
+    if not isinstance(source, (str, Path, bytes, Image.Image)):
+        try:
+            source = source.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read ({e})") from None
     try:
         if isinstance(source, Image.Image):
             image = source

@@ -87,7 +87,9 @@ def read_llava_json(path: str | Path) -> list[dict]:
     return records
 
 
-def easyvqa_conversations(split: str, *, seed: int = 0) -> list[dict]:
-    """All of a split's questions as conversations, plus one caption exchange per image."""
-    questions = vqa_conversations(easyvqa.vqa_records(split), seed=seed)
+def easyvqa_conversations(split: str, *, yes_no_per_image: int = 0, seed: int = 0) -> list[dict]:
+    """All of a split's questions as conversations, plus one caption exchange per image,
+    plus `yes_no_per_image` balanced yes/no questions per image (easyvqa.balanced_yes_no)."""
+    records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(split, yes_no_per_image, seed=seed)
+    questions = vqa_conversations(records, seed=seed)
     return questions + caption_conversations(easyvqa.caption_records(split), seed=seed)

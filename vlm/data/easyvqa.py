@@ -158,6 +158,35 @@ def caption_records(split: str) -> list[CaptionRecord]:
     return [CaptionRecord(image.path, image.caption) for image in images(split)]
 
 
+# easy-VQA's yes/no question forms, as (template, negated); {} is "a red shape" style
+# ("red shape") or a shape name ("circle").
+YES_NO_FORMS = (
+    ("is there a {}?", False), ("is there a {} in the image?", False), ("is a {} present?", False),
+    ("does the image contain a {}?", False), ("is there not a {}?", True), ("is there not a {} in the image?", True),
+    ("is no {} present?", True), ("does the image not contain a {}?", True),
+)
+
+
+def balanced_yes_no(split: str, per_image: int, *, seed: int = 0) -> list[VqaRecord]:
+    """`per_image` extra yes/no questions per image, in easy-VQA's own forms, half of
+    them about what the image shows. easy-VQA's colour questions are ~88% about an absent
+    colour, so a model sees few "yes, that colour" cases; these even that out. Built from
+    the split's labels only (use it on the train split)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for image in images(split):
+        for k in range(per_image):
+            about_color, present = rng.random() < 0.7, k % 2 == 0
+            if about_color:
+                color = image.color if present else rng.choice([c for c in COLORS if c != image.color])
+                subject = f"{color} shape"
+            else:
+                subject = image.shape if present else rng.choice([s for s in SHAPES if s != image.shape])
+            template, negated = YES_NO_FORMS[rng.integers(len(YES_NO_FORMS))]
+            records.append(VqaRecord(image.path, template.format(subject), "yes" if present != negated else "no"))
+    return records
+
+
 def image_dir(split: str) -> Path:
     """The folder holding the split's PNG files."""
     return Path(images(split)[0].path).parent

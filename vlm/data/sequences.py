@@ -51,6 +51,9 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.sequences]
+
     def __getitem__(self, index: int) -> dict:
         ids, labels = self.sequences[index]
         return {"ids": ids, "labels": labels}
@@ -66,6 +69,9 @@ class ConversationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _, _ in self.sequences]
 
     def __getitem__(self, index: int):
         ids, labels, images = self.sequences[index]

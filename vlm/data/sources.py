@@ -1,6 +1,6 @@
 """Resolve a data argument (`easyvqa:train`, `easyvqa:test`, or a file) to records."""
 
-from vlm.data import easyvqa
+from vlm.data import easyvqa, webdataset
 from vlm.data.conversations import caption_conversations, easyvqa_conversations, read_llava_json, vqa_conversations
 from vlm.data.files import first_row_columns, read_captions, read_vqa
 from vlm.data.records import CaptionRecord, VqaRecord
@@ -19,9 +19,12 @@ def builtin_split(spec: str) -> str | None:
 
 
 def caption_records(spec: str) -> list[CaptionRecord]:
-    """Image-caption pairs from a built-in name or a .jsonl/.csv caption file."""
+    """Image-caption pairs from a built-in name, a .jsonl/.csv caption file, or
+    webdataset shards (.tar, a folder of them, or a {00000..00009} range)."""
     split = builtin_split(spec)
-    return easyvqa.caption_records(split) if split else read_captions(spec)
+    if split:
+        return easyvqa.caption_records(split)
+    return webdataset.caption_records(spec) if webdataset.is_webdataset(spec) else read_captions(spec)
 
 
 def vqa_records(spec: str) -> list[VqaRecord]:
@@ -30,18 +33,19 @@ def vqa_records(spec: str) -> list[VqaRecord]:
     return easyvqa.vqa_records(split) if split else read_vqa(spec)
 
 
-def conversation_records(spec: str, *, kind: str = "conversations") -> list[dict]:
+def conversation_records(spec: str, *, kind: str = "conversations", yes_no_per_image: int = 0) -> list[dict]:
     """LLaVA-format records.
 
     kind="captions": one describe-the-image exchange per caption (built-in split or
     caption file). kind="conversations": a built-in split's questions and captions, a
     LLaVA JSON file (.json), or a VQA or caption file (.jsonl/.csv) turned into exchanges.
+    yes_no_per_image: built-in splits only, extra balanced yes/no questions per image.
     """
     if kind == "captions":
         return caption_conversations(caption_records(spec))
     split = builtin_split(spec)
     if split:
-        return easyvqa_conversations(split)
+        return easyvqa_conversations(split, yes_no_per_image=yes_no_per_image)
     if spec.endswith(".json"):
         return read_llava_json(spec)
     if "question" in first_row_columns(spec):

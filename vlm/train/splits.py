@@ -5,11 +5,11 @@ import hashlib
 from pathlib import Path
 
 
-def held_out(image: str | None, fraction: float) -> bool:
-    """Stable choice by a hash of the image's file name."""
+def held_out(image, fraction: float) -> bool:
+    """Stable choice by a hash of the image's file name (or webdataset member reference)."""
     if not image or fraction <= 0:
         return False
-    digest = hashlib.sha256(Path(image).name.encode()).digest()
+    digest = hashlib.sha256(Path(str(image)).name.encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
