@@ -101,3 +101,16 @@ def test_epoch_batches_are_seeded_and_differ_by_epoch():
     assert epoch_batches(50, 8, seed=1, epoch=0) == epoch_batches(50, 8, seed=1, epoch=0)
     assert epoch_batches(50, 8, seed=1, epoch=0) != epoch_batches(50, 8, seed=1, epoch=1)
     assert len(epoch_batches(50, 8, seed=1, epoch=0)) == 6
+
+
+def test_length_grouping_keeps_every_example_once_and_cuts_padding():
+    lengths = [(i * 37) % 100 + 1 for i in range(1000)]
+    grouped = epoch_batches(1000, 10, seed=0, epoch=0, lengths=lengths)
+    plain = epoch_batches(1000, 10, seed=0, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < 0.2 * padding(plain)
+    assert grouped != epoch_batches(1000, 10, seed=0, epoch=1, lengths=lengths)

@@ -41,6 +41,7 @@ class FlamingoRecipe:
     xattn_head_dim: int = 64
     max_length: int = 256  # tokens per sequence (an image is one token)
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
+    yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image
     fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
     pair_questions: int = 8000  # two-image comparisons (built-in data only)
     val_fraction: float = 0.02  # images held out for validation
@@ -61,7 +62,7 @@ def freeze_for_flamingo(model: FlamingoModel) -> None:
 
 
 def training_records(recipe: FlamingoRecipe) -> list[dict]:
-    records = conversation_records(recipe.data)
+    records = conversation_records(recipe.data, yes_no_per_image=recipe.yes_no_per_image)
     split = builtin_split(recipe.data)
     if split:
         records += fewshot_records(easyvqa.vqa_records(split), recipe.fewshot_sequences, seed=1)

@@ -34,6 +34,7 @@ STAGES = ("all", "1", "2")
 @dataclass
 class StageRecipe:
     data: str = "easyvqa:train"  # built-in split, caption file (stage 1) or LLaVA JSON (stage 2)
+    yes_no_per_image: int = 0  # stage 2, built-in data: extra balanced yes/no questions per image
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -87,7 +88,8 @@ def freeze_for_stage(model: LlavaModel, stage: int) -> None:
 def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage: int, run_dir: Path, *, resume: bool) -> dict:
     stage_recipe = recipe.stage1 if stage == 1 else recipe.stage2
     freeze_for_stage(model, stage)
-    records = conversation_records(stage_recipe.data, kind="captions" if stage == 1 else "conversations")
+    kind = "captions" if stage == 1 else "conversations"
+    records = conversation_records(stage_recipe.data, kind=kind, yes_no_per_image=stage_recipe.yes_no_per_image)
     train_records, val_records = split_by_image(records, recipe.val_fraction)
     card = {"kind": "llava", "stage": stage, "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
     return train_stage(model, records=train_records, val_records=val_records, config=stage_recipe.train, run_dir=run_dir, resume=resume, card=card)

@@ -45,6 +45,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (there is one at every epoch end too)
     log_every: int = 10  # steps averaged into one metrics.csv row
     workers: int = 1  # DataLoader worker processes
+    group_by_length: bool = False  # batch sequences of similar length together (less padding)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -74,11 +75,20 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled batches (the last partial one dropped); same for the same seed."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The epoch's shuffled batches (the last partial one dropped); same for the same seed.
+
+    With `lengths`, examples are sorted by length within windows of 64 batches before
+    batching, and the batches shuffled again: little padding, still a random order."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    if lengths is not None:
+        window = 64 * batch_size
+        order = [i for s in range(0, n, window) for i in sorted(order[s : s + window], key=lambda i: lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 class Trainer:
@@ -134,7 +144,9 @@ class Trainer:
         bar = progress_bar(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not main)
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.batches_per_epoch)
-            batches = [b[self.rank :: self.world] for b in epoch_batches(len(self.dataset), config.batch_size, config.seed, epoch)[first:]]
+            lengths = self.dataset.lengths() if config.group_by_length else None
+            batches = epoch_batches(len(self.dataset), config.batch_size, config.seed, epoch, lengths)[first:]
+            batches = [b[self.rank :: self.world] for b in batches]  # this rank's share of each batch
             # Seeds augmentation here and in the workers, so a resumed run sees the same images.
             torch.manual_seed(config.seed * 7919 + self.step)
             random.seed(config.seed * 7919 + self.step)
