@@ -1,5 +1,5 @@
-# The two commands: `make demo` runs vlmstack on the shipped models, `make test` runs the tests.
-# Both create .venv/ first (once; again when pyproject.toml changes).
+# The two commands: `make demo` runs the vlmstack app on the shipped models, `make test`
+# runs the tests. Both create .venv/ first (once; again when pyproject.toml changes).
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
@@ -12,10 +12,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The tests also cover the Ray engine: the `ray` extra, installed once.
+$(BIN)/.installed-ray: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,ray]'
+	touch $@
+
 setup: $(BIN)/.installed
 
-test: setup
+test: $(BIN)/.installed-ray
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/vlmstack eval clip --model clip-easyvqa --data easyvqa:test
+	$(BIN)/vlmstack app

@@ -1,6 +1,7 @@
 """Batch captioning of an image folder that survives bad files and crashes.
 
     vlmstack caption photos/ --model llava-easyvqa --out captions.jsonl
+    vlmstack caption shards/ --out captions.jsonl --engine ray     # webdataset, Ray Data
 
 Each caption is written as soon as it exists: a JSONL or CSV row appended and flushed
 (image paths relative to the output file, so the output is a caption dataset vlmstack can
@@ -18,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm.atomic import write_text
+from vlm.data import webdataset
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.folders import list_images
+from vlm.data.webdataset import TarMember
 from vlm.errors import ImageError, VlmError
 from vlm.images import load_image
 from vlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 FORMATS = ("jsonl", "csv", "txt")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -59,8 +63,11 @@ class _RowFile:
             rows = csv.DictReader(f) if self.fmt == "csv" else (json.loads(line) for line in f if line.strip())
             return {str((self.path.parent / row["image"]).resolve()) for row in rows}
 
-    def write(self, image: Path, caption: str) -> None:
-        relative = os.path.relpath(image, self.path.parent)
+    def write(self, image, caption: str) -> None:
+        if isinstance(image, TarMember):
+            relative = f"{os.path.relpath(image.shard, self.path.parent)}#{image.name}"
+        else:
+            relative = os.path.relpath(image, self.path.parent)
         if self.fmt == "csv":
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")
@@ -88,6 +95,38 @@ def _drop_partial_last_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _inputs(source: Path, *, recursive: bool) -> list:
+    """The images to caption: files of a folder, or the image members of webdataset shards."""
+    if webdataset.is_webdataset(source):
+        return webdataset.image_members(source)
+    if not source.is_dir():
+        raise VlmError(f"{source}: not a folder of images or webdataset shards")
+    images = list_images(source, recursive=recursive)
+    if not images:
+        raise VlmError(f"{source}: no images found{'' if recursive else ' (add --recursive to look in subfolders)'}")
+    return images
+
+
+def _key(image) -> str:
+    """An image's identity in the output: its absolute path (shard path#member for tar members)."""
+    return f"{Path(image.shard).resolve()}#{image.name}" if isinstance(image, TarMember) else str(image)
+
+
+def _local_captions(model, images: list, *, prompt: str, batch_size: int, max_new_tokens: int):
+    """(position, caption or None, error or None) per image, batch by batch."""
+    for start in range(0, len(images), batch_size):
+        pictures, readable = [], []
+        for i in range(start, min(start + batch_size, len(images))):
+            try:
+                pictures.append(load_image(images[i]))
+                readable.append(i)
+            except ImageError as e:
+                yield i, None, str(e)
+        answers = model.answer_batch(pictures, [prompt] * len(pictures), max_new_tokens=max_new_tokens) if pictures else []
+        for i, answer in zip(readable, answers):
+            yield i, answer, None
+
+
 def caption_folder(
     folder: str | Path,
     *,
@@ -99,46 +138,64 @@ def caption_folder(
     max_new_tokens: int = 32,
     recursive: bool = False,
     overwrite: bool = False,
+    engine: str = "local",
+    workers: int = 2,
+    ray_address: str | None = None,
     progress: bool = True,
 ) -> CaptionReport:
-    """Caption every image in `folder` with `model` (a loaded VQA model).
+    """Caption every image in `folder` (a folder, or webdataset shards).
 
+    Args:
+        model: a loaded VQA model, or its name/directory (loaded here; the ray engine
+            needs a name, which each Ray actor loads).
+        engine: "local" (this process) or "ray" (`workers` Ray actors; `ray_address`
+            of a cluster, default a local Ray).
     Raises:
-        VlmError: unknown format, no --out for jsonl/csv, or no images in the folder.
+        VlmError: unknown format or engine, no --out for jsonl/csv, no images found.
     """
     if fmt not in FORMATS:
         raise VlmError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    folder = Path(folder).resolve()
-    images = list_images(folder, recursive=recursive)
-    if not images:
-        raise VlmError(f"{folder}: no images found{'' if recursive else ' (add --recursive to look in subfolders)'}")
+    if engine not in ENGINES:
+        raise VlmError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if fmt != "txt" and not out:
         raise VlmError(f"--out FILE is needed for --format {fmt}")
+    source = Path(folder).resolve()
+    images = _inputs(source, recursive=recursive)
+    if fmt == "txt" and isinstance(images[0], TarMember):
+        raise VlmError("--format txt writes beside each image, which webdataset shards cannot hold; use jsonl or csv")
+    if engine == "ray" and not isinstance(model, str):
+        raise VlmError("the ray engine needs the model's name or directory, which each actor loads")
     rows = _RowFile(Path(out), fmt, overwrite=overwrite) if fmt != "txt" else None
     report = CaptionReport()
     try:
         done = rows.done() if rows else {str(p) for p in images if p.with_suffix(".txt").exists() and not overwrite}
-        todo = [p for p in images if str(p) not in done]
+        todo = [image for image in images if _key(image) not in done]
         report.already_done = len(images) - len(todo)
+        if engine == "ray":
+            from vlm import ray_engine
+
+            results = ray_engine.caption_images(
+                model, todo, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                workers=workers, address=ray_address, progress=False,
+            )
+        else:
+            from vlm.load import load_vlm
+
+            loaded = load_vlm(model) if isinstance(model, str) else model
+            results = _local_captions(loaded, todo, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
         with progress_bar(total=len(todo), desc="captioning", unit="img", disable=not progress) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch, pictures = [], []
-                for path in todo[start : start + batch_size]:
-                    try:
-                        pictures.append(load_image(path))
-                        batch.append(path)
-                    except ImageError as e:
-                        log.warning("skipped %s", e)
-                        report.failed.append(str(e))
-                captions = model.answer_batch(pictures, [prompt] * len(pictures), max_new_tokens=max_new_tokens) if pictures else []
-                for path, caption in zip(batch, captions):
-                    caption = " ".join(caption.split())  # one line per caption
-                    if rows:
-                        rows.write(path, caption)
-                    else:
-                        write_text(path.with_suffix(".txt"), caption + "\n")
-                    report.captioned += 1
-                bar.update(len(todo[start : start + batch_size]))
+            for i, caption, error in results:
+                bar.update(1)
+                if error:
+                    log.warning("skipped %s", error)
+                    report.failed.append(error)
+                    continue
+                caption = " ".join(caption.split())  # one line per caption
+                if rows:
+                    rows.write(todo[i], caption)
+                else:
+                    write_text(todo[i].with_suffix(".txt"), caption + "\n")
+                report.captioned += 1
     finally:
         if rows:
             rows.close()

@@ -59,9 +59,14 @@ def build_index(
     spec: str = "auto",
     batch_size: int = 256,
     workers: int = 2,
+    engine: str = "local",
+    ray_address: str | None = None,
     progress: bool = True,
 ) -> IndexReport:
     """Index every image under `folder` into the new index directory `out`.
+
+    `workers`: DataLoader decoding processes (local engine) or Ray actors (engine "ray",
+    on the cluster at `ray_address`, default a local Ray).
 
     Raises:
         VlmError: `folder` has no readable images, or `out` already holds an index.
@@ -74,12 +79,15 @@ def build_index(
         root=str(folder), model=model, model_fingerprint=clip.fingerprint, dim=clip.embed_dim, index_spec=spec
     )
     empty = store.IndexData(np.zeros((0, clip.embed_dim), np.float32), [], [])
-    return _sync(out, manifest, empty, clip, batch_size=batch_size, workers=workers, progress=progress, new=True)
+    embed = embedder(engine, clip, model, batch_size=batch_size, workers=workers, ray_address=ray_address, progress=progress)
+    return _sync(out, manifest, empty, embed, progress=progress, new=True)
 
 
 def update_index(index_dir: str | Path, *, batch_size: int = 256, workers: int = 2, progress: bool = True) -> IndexReport:
     """Bring the index up to date with its folder, embedding only what changed."""
     manifest = store.read_manifest(index_dir)
+    if manifest.source != "folder":
+        raise VlmError(f"{index_dir} was built from {manifest.source} shards, which it cannot re-scan; embed and build again")
     clip = load_clip(manifest.model)
     if clip.fingerprint != manifest.model_fingerprint:
         raise VlmError(
@@ -87,10 +95,22 @@ def update_index(index_dir: str | Path, *, batch_size: int = 256, workers: int =
             f"which now loads as weights {clip.fingerprint}; rebuild the index"
         )
     data = store.read_data(index_dir, manifest)
-    return _sync(Path(index_dir), manifest, data, clip, batch_size=batch_size, workers=workers, progress=progress, new=False)
+    embed = embedder("local", clip, manifest.model, batch_size=batch_size, workers=workers, ray_address=None, progress=progress)
+    return _sync(Path(index_dir), manifest, data, embed, progress=progress, new=False)
 
 
-def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, clip: Clip, *, batch_size, workers, progress, new) -> IndexReport:
+def embedder(engine: str, clip: Clip, model: str, *, batch_size: int, workers: int, ray_address, progress: bool):
+    """sources -> Embeddings, with `clip` in this process, or on Ray actors that each load `model`."""
+    if engine == "ray":
+        from vlm import ray_engine
+
+        return lambda sources: ray_engine.embed_images(model, sources, batch_size=batch_size, workers=workers, address=ray_address, progress=progress)
+    if engine != "local":
+        raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
+    return lambda sources: embed_images(clip, sources, batch_size=batch_size, workers=workers, progress=progress)
+
+
+def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, embed, *, progress, new) -> IndexReport:
     started = time.perf_counter()
     root = Path(manifest.root)
     if not root.is_dir():
@@ -125,7 +145,7 @@ def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, clip: Clip,
         report.added += info.path not in old_files
         report.changed += info.path in old_files
     pending = list(first_file.items())
-    embedded = embed_images(clip, [str(root / info.path) for _, info in pending], batch_size=batch_size, workers=workers, progress=progress)
+    embedded = embed([str(root / info.path) for _, info in pending])
     new_vector = {pending[i][0]: vector for i, vector in zip(embedded.indices, embedded.vectors.numpy())}
     unreadable = {pending[i][0] for i, _ in embedded.failures}
     report.failed = [(pending[i][1].path, reason) for i, reason in embedded.failures]

@@ -62,23 +62,42 @@ def tune_search(
     name = _breadth_parameter(index)
     if name is None or len(vectors) <= k:
         return {}
+    # Leave-one-out: each sample vector queries the index with itself excluded, so the
+    # tuning reflects new queries near the data, not the trivial self-match.
     rng = np.random.default_rng(seed)
-    sample = np.ascontiguousarray(vectors[rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)])
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors))
-    _, truth = exact.search(sample, k)
+    picked = rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)
+    sample = np.ascontiguousarray(vectors[picked])
+    truth = _without_self(exact_neighbours(sample, vectors, k + 1), picked, k)
     limit = faiss.extract_index_ivf(index).nlist if name == "nprobe" else 4096
     params = faiss.ParameterSpace()
     value, recall = 1, 0.0
     while True:
         params.set_index_parameter(index, name, value)
-        _, found = index.search(sample, k)
+        found = _without_self(index.search(sample, k + 1)[1], picked, k)
         recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
         if recall >= target_recall or value >= limit:
             break
         value *= 2
     log.info("tuned %s=%d: recall@%d %.3f on %d sample queries", name, value, k, recall, len(sample))
     return {name: value}
+
+
+def _without_self(ids: np.ndarray, selves: np.ndarray, k: int) -> list[list[int]]:
+    return [[i for i in row if i != self][:k] for row, self in zip(ids.tolist(), selves.tolist())]
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int, *, chunk: int = 250_000) -> np.ndarray:
+    """(Q, k) ids of the true top-k by inner product, reading `vectors` (may be a memory
+    map) a chunk at a time instead of copying it into an index."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.full((len(queries), k), -1, np.int64)
+    for start in range(0, len(vectors), chunk):
+        scores, ids = faiss.knn(queries, np.ascontiguousarray(vectors[start : start + chunk]), k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, ids + start], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return best_ids
 
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:

@@ -33,13 +33,14 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Manifest:
-    root: str  # absolute path of the indexed folder
+    root: str  # absolute path of the indexed folder (of the shards, for webdataset)
     model: str  # the model spec the index was built with (as given to load_clip)
     model_fingerprint: str  # hash of that model's weights
     dim: int  # embedding dimension
     index_spec: str  # what was asked for: "auto" or a FAISS index_factory string
     built_spec: str = ""  # the index_factory string actually built ("auto" resolved by size)
     search_params: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}
+    source: str = "folder"  # "folder" (updatable) or "webdataset" (paths are shard.tar#member)
     count: int = 0  # distinct images (contents) indexed
     files: int = 0  # files indexed; > count when byte-identical duplicates exist
     version: int = 0  # current version folder number

@@ -87,3 +87,17 @@ def tiny_flamingo(tiny_clip, tiny_lm_and_tokenizer):
         vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer),
         resampler=resampler, xattn_heads=2, xattn_head_dim=32, max_length=128,
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_clip, tmp_path_factory) -> str:
+    """tiny_clip saved as a model directory (for code that loads a model by name)."""
+    path = tmp_path_factory.mktemp("model") / "clip"
+    tiny_clip.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_llava_dir(tiny_llava, tmp_path) -> str:
+    tiny_llava.save(tmp_path / "llava")
+    return str(tmp_path / "llava")

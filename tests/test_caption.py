@@ -15,12 +15,6 @@ from vlm.errors import VlmError
 from tests.conftest import draw_shape
 
 
-@pytest.fixture
-def model_dir(tiny_llava, tmp_path):
-    tiny_llava.save(tmp_path / "model")
-    return tmp_path / "model"
-
-
 def _huge_header_png(path):
     """A valid-looking PNG whose header claims 100000 x 100000 pixels."""
     def chunk(kind, data):
@@ -87,13 +81,13 @@ def test_empty_folder_is_an_error(tiny_llava, tmp_path):
         caption_folder(tmp_path, model=tiny_llava, out=tmp_path / "x.jsonl", progress=False)
 
 
-def test_killed_run_resumed_captions_every_image_exactly_once(model_dir, tmp_path):
+def test_killed_run_resumed_captions_every_image_exactly_once(tiny_llava_dir, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(40):
         draw_shape(["red", "blue", "green"][i % 3], "circle", offset=i % 8).save(folder / f"{i:03d}.png")
     out = tmp_path / "captions.jsonl"
-    command = [sys.executable, "-m", "vlm.cli", "caption", str(folder), "--model", str(model_dir), "--out", str(out),
+    command = [sys.executable, "-m", "vlm.cli", "caption", str(folder), "--model", str(tiny_llava_dir), "--out", str(out),
                "--batch-size", "1", "--max-new-tokens", "24"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

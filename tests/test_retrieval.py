@@ -15,13 +15,6 @@ from tests.conftest import draw_shape
 
 
 @pytest.fixture
-def tiny_model(tiny_clip, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "clip"
-    tiny_clip.save(path)
-    return str(path)
-
-
-@pytest.fixture
 def folder(tmp_path):
     root = tmp_path / "pictures"
     (root / "sub").mkdir(parents=True)
@@ -34,32 +27,32 @@ def _paths(hits):
     return [os.path.basename(h.path) for h in hits]
 
 
-def test_an_images_own_embedding_is_its_top_hit(folder, tmp_path, tiny_model):
-    report = build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_an_images_own_embedding_is_its_top_hit(folder, tmp_path, tiny_clip_dir):
+    report = build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     assert (report.files, report.count, report.index_spec) == (4, 4, "Flat")
     searcher = Searcher.open(tmp_path / "idx")
     for path in folder.rglob("*.png"):
         [hit] = searcher.search_image(path, k=1)
         assert hit.path == str(path.resolve()) and hit.score == pytest.approx(1.0, abs=1e-4)
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert manifest["model"] == tiny_model and manifest["dim"] == 128 and manifest["count"] == 4
+    assert manifest["model"] == tiny_clip_dir and manifest["dim"] == 128 and manifest["count"] == 4
 
 
-def test_k_larger_than_the_index_returns_everything(folder, tmp_path, tiny_model):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_k_larger_than_the_index_returns_everything(folder, tmp_path, tiny_clip_dir):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     hits = Searcher.open(tmp_path / "idx").search_text("a red circle", k=50)
     assert [h.rank for h in hits] == [1, 2, 3, 4]
     assert hits[0].score >= hits[-1].score
 
 
-def test_min_score_filters(folder, tmp_path, tiny_model):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_min_score_filters(folder, tmp_path, tiny_clip_dir):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     searcher = Searcher.open(tmp_path / "idx")
     assert searcher.search_text("x", k=4, min_score=1.01) == []
 
 
-def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_model, monkeypatch):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_clip_dir, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     embedded = []
     import retrieval.index as index_module
 
@@ -87,8 +80,8 @@ def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_mod
     assert embedded == [] and again.unchanged == 5
 
 
-def test_a_crash_during_save_leaves_the_previous_index_loadable(folder, tmp_path, tiny_model, monkeypatch):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_a_crash_during_save_leaves_the_previous_index_loadable(folder, tmp_path, tiny_clip_dir, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     draw_shape("blue", "circle").save(folder / "new.png")
 
     def crash(*args):
@@ -105,19 +98,19 @@ def test_a_crash_during_save_leaves_the_previous_index_loadable(folder, tmp_path
     assert len(list((tmp_path / "idx").glob("v*"))) == 1
 
 
-def test_querying_with_another_model_names_both(folder, tmp_path, tiny_model):
+def test_querying_with_another_model_names_both(folder, tmp_path, tiny_clip_dir):
     from vlm.clip import build_clip
 
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     other = tmp_path / "other"
     build_clip("clip-tiny").save(other)
     with pytest.raises(VlmError) as error:
         Searcher.open(tmp_path / "idx", model=str(other))
-    assert tiny_model in str(error.value) and str(other) in str(error.value)
+    assert tiny_clip_dir in str(error.value) and str(other) in str(error.value)
 
 
-def test_a_negative_term_moves_results_away(folder, tmp_path, tiny_model, monkeypatch):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_a_negative_term_moves_results_away(folder, tmp_path, tiny_clip_dir, monkeypatch):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     searcher = Searcher.open(tmp_path / "idx")
     # Pin the text encoder: "red" means the red circle's picture, "circle" the green circle's.
     pictures = {"red": folder / "red-circle.png", "circle": folder / "green-circle.png"}
@@ -132,33 +125,33 @@ def test_a_negative_term_moves_results_away(folder, tmp_path, tiny_model, monkey
     assert score("3:red + circle", "red-circle.png") > score("red + circle", "red-circle.png")
 
 
-def test_corrupt_files_are_skipped_and_reported(folder, tmp_path, tiny_model):
+def test_corrupt_files_are_skipped_and_reported(folder, tmp_path, tiny_clip_dir):
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "empty.jpg").write_bytes(b"")
-    report = build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+    report = build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     assert report.files == 4
     assert sorted(path for path, _ in report.failed) == ["broken.png", "empty.jpg"]
     assert "broken.png" in report.summary()
 
 
-def test_empty_folder_and_missing_index_are_clear_errors(tmp_path, tiny_model):
+def test_empty_folder_and_missing_index_are_clear_errors(tmp_path, tiny_clip_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VlmError, match="no images"):
-        build_index(tmp_path / "empty", tmp_path / "idx", model=tiny_model)
+        build_index(tmp_path / "empty", tmp_path / "idx", model=tiny_clip_dir)
     with pytest.raises(VlmError, match="not an index"):
         Searcher.open(tmp_path / "nothing")
 
 
-def test_corrupt_faiss_file_is_a_clear_error(folder, tmp_path, tiny_model):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_corrupt_faiss_file_is_a_clear_error(folder, tmp_path, tiny_clip_dir):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     [faiss_file] = (tmp_path / "idx").glob("v*/index.faiss")
     faiss_file.write_bytes(b"garbage")
     with pytest.raises(VlmError, match="corrupt"):
         Searcher.open(tmp_path / "idx")
 
 
-def test_long_and_empty_queries(folder, tmp_path, tiny_model, caplog):
-    build_index(folder, tmp_path / "idx", model=tiny_model, workers=0, progress=False)
+def test_long_and_empty_queries(folder, tmp_path, tiny_clip_dir, caplog):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     searcher = Searcher.open(tmp_path / "idx")
     assert len(searcher.search_text("red " * 2500, k=2)) == 2
     assert "truncated" in caplog.text

@@ -60,9 +60,14 @@ def _eval(args) -> None:
 def _index(args) -> None:
     from retrieval import build_index, update_index
 
-    if args.action == "build":
+    from retrieval import shards
+
+    if args.action == "build" and shards.is_embeddings(args.folder):
+        report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec)
+    elif args.action == "build":
         report = build_index(
-            args.folder, args.out, model=args.model, spec=args.index_spec, batch_size=args.batch_size, workers=args.workers
+            args.folder, args.out, model=args.model, spec=args.index_spec, batch_size=args.batch_size,
+            workers=args.workers, engine=args.engine, ray_address=args.ray_address,
         )
     else:
         report = update_index(args.index, batch_size=args.batch_size, workers=args.workers)
@@ -86,13 +91,22 @@ def _search(args) -> None:
             print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
 
 
+def _embed(args) -> None:
+    from retrieval.shards import embed_to_shards
+
+    report = embed_to_shards(
+        args.source, args.out, model=args.model, shard_size=args.shard_size, batch_size=args.batch_size,
+        workers=args.workers, engine=args.engine, ray_address=args.ray_address,
+    )
+    print(report.summary())
+
+
 def _caption(args) -> None:
     from apps.caption import caption_folder
-    from vlm.load import load_vlm
 
     report = caption_folder(
         args.folder,
-        model=load_vlm(args.model),
+        model=args.model,
         out=args.out,
         fmt=args.format,
         prompt=args.prompt,
@@ -100,6 +114,9 @@ def _caption(args) -> None:
         max_new_tokens=args.max_new_tokens,
         recursive=args.recursive,
         overwrite=args.overwrite,
+        engine=args.engine,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(report.summary())
 
@@ -110,6 +127,17 @@ def _app(args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("vlmstack").warning("serving on %s: anyone who can reach this address can use the app", args.host)
     launch(index=args.index, host=args.host, port=args.port)
+
+
+def _export(args) -> None:
+    from vlm.hub import ship
+
+    print(ship(args.directory, args.name))
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: run on Ray Data actors (pip install 'vlmstack[ray]')")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="build or update an image index of a folder")
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="index every image under a folder")
-    build.add_argument("folder", help="folder of images (searched recursively)")
+    build.add_argument("folder", help="folder of images (searched recursively), or an embeddings folder from `vlmstack embed`")
     build.add_argument("--out", required=True, help="index directory to create")
     build.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
     build.add_argument("--index-spec", default="auto", help="FAISS index_factory string, or auto (by size)")
@@ -149,8 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("index", help="index directory")
     for sub in (build, update):
         sub.add_argument("--batch-size", type=int, default=256)
-        sub.add_argument("--workers", type=int, default=2, help="image decoding processes")
+        sub.add_argument("--workers", type=int, default=2, help="image decoding processes (Ray actors with --engine ray)")
+    _engine_arguments(build)
     index.set_defaults(run=_index)
+
+    embed = commands.add_parser("embed", help="embed a big folder or webdataset into resumable shards (then `index build` them)")
+    embed.add_argument("source", help="folder of images, or webdataset shards (a .tar, a folder of them, or {00000..00099}.tar)")
+    embed.add_argument("--out", required=True, help="embeddings folder: NNNNN.npy + NNNNN.jsonl per shard")
+    embed.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
+    embed.add_argument("--shard-size", type=int, default=10_000, help="images per shard; a crash loses at most one")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--workers", type=int, default=2, help="image decoding processes (Ray actors with --engine ray)")
+    _engine_arguments(embed)
+    embed.set_defaults(run=_embed)
 
     search = commands.add_parser("search", help="search an index by text and/or example image")
     search.add_argument("index", help="index directory")
@@ -163,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(run=_search)
 
     caption = commands.add_parser("caption", help="caption every image in a folder (resumable)")
-    caption.add_argument("folder", help="folder of images")
+    caption.add_argument("folder", help="folder of images, or webdataset shards")
     caption.add_argument("--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory")
     caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
     caption.add_argument("--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl")
@@ -172,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-new-tokens", type=int, default=32)
     caption.add_argument("--recursive", action="store_true", help="include images in subfolders")
     caption.add_argument("--overwrite", action="store_true", help="start over instead of skipping images already captioned")
+    caption.add_argument("--workers", type=int, default=2, help="Ray actors (with --engine ray)")
+    _engine_arguments(caption)
     caption.set_defaults(run=_caption)
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
@@ -179,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=int, default=7860)
     app.set_defaults(run=_app)
+
+    export = commands.add_parser("export", help="developers: ship a trained model inside the package (fp16)")
+    export.add_argument("directory", help="trained model directory")
+    export.add_argument("--name", required=True, help="shipped name, e.g. llava-easyvqa")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -62,9 +62,11 @@ def easyvqa_index(model: str, workdir: Path) -> dict:
     }
 
 
-def clustered_vectors(count: int, dim: int, clusters: int, rng) -> np.ndarray:
-    """Unit vectors scattered around random cluster centres."""
-    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+def clustered_vectors(count: int, dim: int, *, seed: int, clusters: int = 1000, centre_seed: int = 0) -> np.ndarray:
+    """Unit vectors scattered around `clusters` random centres (the same centres for the
+    same `centre_seed`; `seed` draws the points)."""
+    centres = np.random.default_rng(centre_seed).standard_normal((clusters, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
     vectors = np.empty((count, dim), np.float32)
     for start in range(0, count, 100_000):
         n = min(100_000, count - start)
@@ -83,9 +85,8 @@ def one_at_a_time(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float
 
 
 def scale(count: int, dim: int = 512, k: int = 10) -> dict:
-    rng = np.random.default_rng(0)
-    vectors = clustered_vectors(count, dim, clusters=1000, rng=rng)
-    queries = clustered_vectors(1000, dim, clusters=1000, rng=np.random.default_rng(0))[rng.permutation(1000)]
+    vectors = clustered_vectors(count, dim, seed=1)
+    queries = clustered_vectors(1000, dim, seed=2)  # new points around the same centres, not indexed ones
     spec = auto_spec(count, dim)
     index, build_seconds = timed(build_faiss, vectors, spec)
     params, tune_seconds = timed(tune_search, index, vectors)
