@@ -116,3 +116,21 @@ def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_fo
     yes = sum(r.answer == "yes" for r in records) / len(records)
     about_the_image = sum(set(re.findall(r"[a-z]+", r.question)) & {by_path[r.image].color, by_path[r.image].shape} != set() for r in records)
     assert 0.45 < yes < 0.55 and about_the_image == len(records) // 2
+
+
+def test_lm_corpus_writes_each_image_as_its_caption():
+    from vlm.train.lm import corpus
+
+    by_caption = {}
+    for document in corpus("easyvqa:train", yes_no_per_image=2)[:2000]:
+        first_role, first_text = document[0]
+        assert first_role == "user" and first_text.startswith("(a ") and "<image>" not in first_text
+        caption = first_text[1 : first_text.index(")")]
+        color, shape = caption.split()[1:]
+        for (_, question), (_, answer) in zip(document[0::2], document[1::2]):
+            if question.endswith(("what color is the shape?", "what is the color of the shape?")):
+                assert answer == color
+            if question.endswith("what shape is in the image?"):
+                assert answer == shape
+        by_caption[caption] = True
+    assert len(by_caption) == 24

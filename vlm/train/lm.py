@@ -17,6 +17,7 @@ import torch
 
 from vlm import hub
 from vlm.conversation import encode_conversation, from_llava
+from vlm.data import easyvqa
 from vlm.data.conversations import easyvqa_conversations
 from vlm.data.sequences import CollateSequences, TokenDataset
 from vlm.data.sources import builtin_split
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LmRecipe:
-    data: str = "easyvqa:train"  # built-in split (its questions, answers and captions as chat turns, no images) or a .txt file, one document per line
+    data: str = "easyvqa:train"  # built-in split (its conversations, each image written as its caption) or a .txt file, one document per line
+    yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image (easyvqa.balanced_yes_no)
     init: str | None = None  # continue training this LM (directory or hub id) instead of a new tiny one
     model: TinyLmConfig = field(default_factory=TinyLmConfig)  # the tiny LM (ignored with init)
     max_length: int = 256  # tokens per training sequence; longer documents are cut
@@ -40,11 +42,23 @@ class LmRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def corpus(spec: str) -> list[list[tuple[str, str]] | str]:
-    """Documents: chat conversations (turns) for a built-in split, lines of a .txt file."""
+def corpus(spec: str, *, yes_no_per_image: int = 0) -> list[list[tuple[str, str]] | str]:
+    """Documents: chat conversations (turns) for a built-in split, lines of a .txt file.
+
+    In a built-in split's conversations each image is written as its caption, "(a red
+    circle)": the LM learns to answer from what the image shows — "is there a red shape?"
+    compared with the colour in context — and the VLMs then only have to bring that into
+    the LM from pixels. (With the image left out, the text says nothing about which colour
+    is present; an LM pretrained so learns to ignore the colour in a question, and a VLM
+    built on it kept ignoring it.)
+    """
     split = builtin_split(spec)
     if split:
-        return [[(role, text.replace(f"{IMAGE_TOKEN}\n", "")) for role, text in from_llava(r)] for r in easyvqa_conversations(split)]
+        captions = {image.path: image.caption for image in easyvqa.images(split)}
+        return [
+            [(role, text.replace(IMAGE_TOKEN, f"({captions[r['image']]})")) for role, text in from_llava(r)]
+            for r in easyvqa_conversations(split, yes_no_per_image=yes_no_per_image)
+        ]
     path = Path(spec)
     if path.suffix != ".txt" or not path.is_file():
         raise VlmError(f"{spec}: expected a built-in name or an existing .txt file")
@@ -68,7 +82,7 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     recipe, recipe_json = load_recipe(LmRecipe, recipe_spec, "lm")
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
-    documents = corpus(recipe.data)
+    documents = corpus(recipe.data, yes_no_per_image=recipe.yes_no_per_image)
     if recipe.init:
         model, tokenizer = load_lm(recipe.init)
     else:
