@@ -171,7 +171,9 @@ def caption_folder(
         done = rows.done() if rows else {str(p) for p in images if p.with_suffix(".txt").exists() and not overwrite}
         todo = [image for image in images if _key(image) not in done]
         report.already_done = len(images) - len(todo)
-        if engine == "ray":
+        if not todo:
+            results = iter(())
+        elif engine == "ray":
             from vlm import ray_engine
 
             results = ray_engine.caption_images(

@@ -22,7 +22,7 @@ from vlm.data.records import CaptionRecord  # noqa: E402
 from vlm.data.sources import caption_records  # noqa: E402
 from vlm.embedding import embed_images  # noqa: E402
 from vlm.eval.clip import evaluate_clip  # noqa: E402
-from vlm.hub import CARD_FILE, resolve_dir  # noqa: E402
+from vlm.hub import CARD_FILE, resolve_dir, update_card  # noqa: E402
 
 KEYS = ("zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1")
 
@@ -104,6 +104,8 @@ def main() -> None:
         f"| plain open_clip loop (open, torchvision preprocess, one image per forward) | {throughput['plain_loop_images_per_s']:.0f} |",
     ]
     write_report("clip", "CLIP benchmark", sections, {"results": results, "drops_points": drops, "throughput": throughput, "train_seconds": card.get("train_seconds")})
+    if resolve_dir(args.model) and card:
+        update_card(resolve_dir(args.model), test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python docs/benchmarks/clip.py --model {args.model}")
     print(json.dumps({"original": results["original"], "worst_drop_points": max(drops.values()), **throughput}))
 
 
