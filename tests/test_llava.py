@@ -222,3 +222,14 @@ def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, tiny_clip, tiny
     assert json.loads((tmp_path / "run" / "stage1" / "model_card.json").read_text())["stage"] == 1
     model = load_vlm(str(tmp_path / "run"))
     assert isinstance(model, LlavaModel) and isinstance(model.answer(RED, "color?"), str)
+
+
+def test_one_call_with_more_images_than_the_feature_cache_holds(tiny_llava, monkeypatch):
+    import vlm.chat
+    from tests.conftest import draw_shape
+
+    monkeypatch.setattr(vlm.chat, "FEATURE_CACHE_SIZE", 2)
+    images = [draw_shape(color, "circle", offset=i) for i, color in enumerate(["red", "blue", "green", "red"])]
+    features = tiny_llava.image_features(images)
+    assert len(features) == 4 and len(tiny_llava._feature_cache) == 2
+    assert torch.equal(features[0], tiny_llava.image_features(images[:1])[0])  # recomputed after eviction, same values

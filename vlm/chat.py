@@ -41,18 +41,17 @@ class ChatMixin:
             self._feature_cache = OrderedDict()
         pixels = [self.transform(image) for image in images]
         keys = [hashlib.sha1(p.numpy().tobytes()).hexdigest() for p in pixels]
-        todo = [i for i, key in enumerate(keys) if key not in self._feature_cache]
-        unique = {keys[i]: i for i in todo}
+        found = {key: self._feature_cache[key] for key in keys if key in self._feature_cache}
+        unique = {key: i for i, key in enumerate(keys) if key not in found}
         if unique:
             with torch.inference_mode():
-                features = self.encode_images(torch.stack([pixels[i] for i in unique.values()]))
-            for key, feature in zip(unique, features):
-                self._feature_cache[key] = feature
-                if len(self._feature_cache) > FEATURE_CACHE_SIZE:
-                    self._feature_cache.popitem(last=False)
-        for key in keys:
+                found.update(zip(unique, self.encode_images(torch.stack([pixels[i] for i in unique.values()]))))
+        for key in keys:  # most recently used last; the oldest go once the cache is full
+            self._feature_cache[key] = found[key]
             self._feature_cache.move_to_end(key)
-        return [self._feature_cache[key] for key in keys]
+        while len(self._feature_cache) > FEATURE_CACHE_SIZE:
+            self._feature_cache.popitem(last=False)
+        return [found[key] for key in keys]
 
     def fit_to_context(self, turns: list[tuple[str, str]], images: list, max_new_tokens: int) -> tuple[list, list]:
         """Check placeholders against images; drop the oldest turns until the prompt fits.
