@@ -59,43 +59,55 @@ def concurrent_searches(url: str, count: int = 50) -> dict:
     }
 
 
-def screenshots(url: str) -> list[str]:
+def screenshots(url: str) -> tuple[list[str], list[str]]:
+    """A screenshot of each tab after using it; (files, problems). A step that fails is
+    reported and the screenshot still taken, so a changed selector cannot hide the page."""
     from playwright.sync_api import sync_playwright
 
     image = easyvqa.images("test")[3]
-    taken = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
+    taken, problems = [], []
+
+    def step(name: str, action) -> None:
+        try:
+            action()
+        except Exception as e:  # a selector or timeout: report it, keep the screenshot
+            problems.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+    def search(page):
         page.get_by_label("Query").fill("a red circle")
         page.get_by_role("button", name="Search").click()
-        page.wait_for_selector(".gallery-item img, button.thumbnail-item img", timeout=30000)
-        time.sleep(1)
-        page.screenshot(path=SCREENSHOTS / "search.png", full_page=True)
-        taken.append("search.png")
+        page.wait_for_selector(".gallery-item img, button.thumbnail-item img, .thumbnail-item img", timeout=30000)
 
-        page.get_by_role("tab", name="Chat").click()
+    def chat(page):
         page.locator("input[type=file]").nth(1).set_input_files(image.path)
         time.sleep(1)
         page.get_by_placeholder("Attach images and ask about them").fill("what color is the shape?")
         page.keyboard.press("Enter")
         page.wait_for_selector(".bot, [data-testid=bot]", timeout=60000)
-        time.sleep(3)
-        page.screenshot(path=SCREENSHOTS / "chat.png", full_page=True)
-        taken.append("chat.png")
 
-        page.get_by_role("tab", name="Caption").click()
+    def caption(page):
         page.locator("input[type=file]").nth(2).set_input_files([im.path for im in easyvqa.images("test")[:4]])
         time.sleep(2)
         page.get_by_role("button", name="Caption", exact=True).click()
         time.sleep(8)
-        page.screenshot(path=SCREENSHOTS / "caption.png", full_page=True)
-        taken.append("caption.png")
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        for tab, action in (("Search", search), ("Chat", chat), ("Caption", caption)):
+            if tab != "Search":
+                step(f"{tab} tab", lambda: page.get_by_role("tab", name=tab).click())
+            step(tab, lambda: action(page))
+            time.sleep(2)
+            page.screenshot(path=SCREENSHOTS / f"{tab.lower()}.png", full_page=True)
+            taken.append(f"{tab.lower()}.png")
         browser.close()
-    return taken
+    return taken, problems
 
 
 def main() -> None:
@@ -104,7 +116,7 @@ def main() -> None:
     try:
         Client(app.local_url, verbose=False).predict("a red circle", None, 10, api_name="/search")  # warm-up
         load = concurrent_searches(app.local_url)
-        shots = screenshots(app.local_url)
+        shots, problems = screenshots(app.local_url)
     finally:
         app.close()
     sections = [
@@ -120,8 +132,9 @@ def main() -> None:
         "## Screenshots (headless Chromium)",
         "",
         *[f"![{name}](../screenshots/{name})" for name in shots],
+        *([""] + [f"Problem while driving the page: {p}" for p in problems] if problems else []),
     ]
-    write_report("app", "App benchmark", sections, {"load": load, "screenshots": shots})
+    write_report("app", "App benchmark", sections, {"load": load, "screenshots": shots, "problems": problems})
     print(json.dumps(load))
 
 

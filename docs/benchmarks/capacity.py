@@ -5,7 +5,7 @@ shards (NNNNN.npy + NNNNN.jsonl), then `build_index_from_shards` (what `vlmstack
 build EMB` runs) makes the index: spec chosen automatically, search breadth tuned. Each
 size runs in its own process so its peak memory is its own.
 
-    python docs/benchmarks/capacity.py --sizes 100000 1000000 3000000
+    python docs/benchmarks/capacity.py --sizes 100000 1000000 2000000
 
 Writes docs/benchmarks/capacity.md and .json.
 """
@@ -96,7 +96,7 @@ def measure(count: int, dim: int, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 3_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one; needs ~2x the vectors' size)")

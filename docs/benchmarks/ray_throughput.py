@@ -1,12 +1,12 @@
 """Ray Data engine throughput: captioning and embedding with 1 and 2 Ray workers vs local.
 
-    python docs/benchmarks/ray.py [--images 1000]
+    python docs/benchmarks/ray_throughput.py [--images 1000]
 
 The first `--images` easy-VQA test images are copied to a scratch folder; each engine
 captions them (llava-easyvqa) and embeds them (`vlmstack embed`, clip-easyvqa) from
 scratch. Ray time includes starting the actors and loading the model in each, as a user
 sees it; the local Ray instance itself is started once, before timing.
-Writes docs/benchmarks/ray.md and .json.
+Writes docs/benchmarks/ray_throughput.md and .json.
 """
 
 import argparse
@@ -69,7 +69,7 @@ def main() -> None:
         "already uses both cores through PyTorch's threads, so 2 Ray workers add actor start-up and data transfer and no "
         "cores; the engine pays off when the cluster has more CPUs (or GPUs) than one process can use.",
     ]
-    write_report("ray", "Ray Data engine throughput", table + [""] + notes, {"results": results, "identical_captions": same})
+    write_report("ray_throughput", "Ray Data engine throughput", table + [""] + notes, {"results": results, "identical_captions": same})
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def kv_cache_speedup(model, context: int = 256, new_tokens: int = 32) -> dict:
     image = easyvqa.images("test")[0].path
     filler = "is there a red shape in the image? " * 100
     ids = model.encode([("user", f"<image>\n{filler}")], generation_prompt=True)[0]
-    ids = ids[: model.image_token_count + 2] + ids[-(context - model.image_token_count - 2) :]
+    head = max(i for i, token in enumerate(ids) if token == model.image_token_id) + 2  # prefix, image, newline
+    ids = ids[:head] + ids[-(context - head) :]
     result = {"context_tokens": len(ids), "new_tokens": new_tokens}
     for use_cache in (True, False):
         prompt = model.prepare([ids], [[image]])
