@@ -58,7 +58,7 @@ def _run(actor, constructor: dict, sources: Sequence[ImageSource], *, batch_size
         fn_constructor_kwargs=constructor,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,
     )
     yield from results.iter_rows()

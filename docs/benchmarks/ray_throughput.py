@@ -65,9 +65,10 @@ def main() -> None:
         f"{args.images} easy-VQA test images; captions by {args.caption_model} (batch 16), embeddings by {args.clip_model} "
         f"(`vlmstack embed`). Ray captions identical to local ones: {same}.",
         "",
-        "Each Ray worker is one actor with one CPU and its own copy of the model. On this 2-core machine the local engine "
-        "already uses both cores through PyTorch's threads, so 2 Ray workers add actor start-up and data transfer and no "
-        "cores; the engine pays off when the cluster has more CPUs (or GPUs) than one process can use.",
+        "Each Ray worker is one actor with one CPU (one PyTorch thread) and its own copy of the model; Ray times include "
+        "starting the actors and loading the model in each. The local engine is one process using both cores through "
+        "PyTorch's threads with no start-up or transfer, so on one 2-core machine it is the faster choice; the Ray engine "
+        "is for clusters with more CPUs or GPUs than one process can use.",
     ]
     write_report("ray_throughput", "Ray Data engine throughput", table + [""] + notes, {"results": results, "identical_captions": same})
 
