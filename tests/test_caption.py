@@ -8,7 +8,6 @@ import time
 import zlib
 
 import pytest
-from PIL import Image
 
 from apps.caption import caption_folder
 from vlm.errors import VlmError

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlm.conversation import IGNORE_INDEX
-from vlm.generation import GenerationConfig, Prompt, generate
+from vlm.generation import GenerationConfig, generate
 from vlm.llava import LlavaModel, build_llava
 from vlm.projector import build_projector
 from vlm.train.llava import freeze_for_stage

@@ -2,7 +2,7 @@
 the images of LLaVA-format conversations)."""
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset

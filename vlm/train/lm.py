@@ -9,7 +9,6 @@ model directory (save_pretrained), loadable by `load_lm` and AutoModelForCausalL
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
