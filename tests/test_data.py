@@ -134,3 +134,25 @@ def test_lm_corpus_writes_each_image_as_its_caption():
                 assert answer == shape
         by_caption[caption] = True
     assert len(by_caption) == 24
+
+
+def test_recall_questions_follow_colour_yes_no_questions_and_name_the_asked_colour():
+    from vlm.data.conversations import RECALL_QUESTION, add_recall_questions
+
+    def turn(role, value):
+        return {"from": role, "value": value}
+
+    conversations = [
+        {"conversations": [turn("human", "<image>\nis there a red shape?"), turn("gpt", "no"), turn("human", "is there a circle?"), turn("gpt", "yes")]},
+        {"conversations": [turn("human", "<image>\nwhat color is the shape?"), turn("gpt", "blue")]},
+        {"conversations": [turn("human", "<image>\ndoes the image not contain a teal shape?"), turn("gpt", "yes")]},
+    ]
+    add_recall_questions(conversations, 1.0)
+    values = [[t["value"] for t in c["conversations"]] for c in conversations]
+    assert values[0] == ["<image>\nis there a red shape?", "no", RECALL_QUESTION, "red", "is there a circle?", "yes"]
+    assert values[1] == ["<image>\nwhat color is the shape?", "blue"]  # not a yes/no question
+    assert values[2][2:] == [RECALL_QUESTION, "teal"]
+    assert [t["from"] for t in conversations[0]["conversations"]] == ["human", "gpt"] * 3
+
+    none = add_recall_questions([{"conversations": [turn("human", "is there a red shape?"), turn("gpt", "no")]}], 0.0)
+    assert len(none[0]["conversations"]) == 2

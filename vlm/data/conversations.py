@@ -9,6 +9,7 @@ first turn), and each caption a "describe the image" exchange.
 
 import json
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -87,9 +88,35 @@ def read_llava_json(path: str | Path) -> list[dict]:
     return records
 
 
-def easyvqa_conversations(split: str, *, yes_no_per_image: int = 0, seed: int = 0) -> list[dict]:
+RECALL_QUESTION = "which color did I ask about?"
+
+
+def add_recall_questions(conversations: list[dict], fraction: float, *, seed: int = 0) -> list[dict]:
+    """After each yes/no question that names a colour, with probability `fraction`, ask
+    back which colour was asked about (answer: that colour word). In place; returns them.
+
+    Why: a model must bring the question's colour to where it answers before it can
+    compare it with the image's, and a yes/no answer alone gives gradient descent nothing
+    to start that from (the tiny models stayed at "colour absent" for every colour
+    question). Repeating the colour is a plain copy that does; see README, "Known limitation".
+    """
+    rng = random.Random(seed)
+    names = [(color, re.compile(rf"\b{color}\b")) for color in easyvqa.COLORS]
+    for conversation in conversations:
+        turns, out = conversation["conversations"], []
+        for question, answer in zip(turns[0::2], turns[1::2]):
+            out += [question, answer]
+            asked = [color for color, pattern in names if pattern.search(question["value"])]
+            if answer["value"] in ("yes", "no") and asked and rng.random() < fraction:
+                out += [_turn("human", RECALL_QUESTION), _turn("gpt", asked[0])]
+        conversation["conversations"] = out
+    return conversations
+
+
+def easyvqa_conversations(split: str, *, yes_no_per_image: int = 0, recall_questions: float = 0.0, seed: int = 0) -> list[dict]:
     """All of a split's questions as conversations, plus one caption exchange per image,
-    plus `yes_no_per_image` balanced yes/no questions per image (easyvqa.balanced_yes_no)."""
+    plus `yes_no_per_image` balanced yes/no questions per image (easyvqa.balanced_yes_no),
+    with `recall_questions` of the colour yes/no questions followed by add_recall_questions'."""
     records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(split, yes_no_per_image, seed=seed)
-    questions = vqa_conversations(records, seed=seed)
+    questions = add_recall_questions(vqa_conversations(records, seed=seed), recall_questions, seed=seed)
     return questions + caption_conversations(easyvqa.caption_records(split), seed=seed)
