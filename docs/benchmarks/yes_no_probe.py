@@ -25,6 +25,7 @@ from common import write_report  # noqa: E402
 from vlm.conversation import encode_conversation  # noqa: E402
 from vlm.data import easyvqa  # noqa: E402
 from vlm.data.records import VqaRecord  # noqa: E402
+from vlm.data.sequences import pad_right  # noqa: E402
 from vlm.eval.vqa import evaluate_vqa  # noqa: E402
 from vlm.lm import load_lm  # noqa: E402
 from vlm.load import load_vlm  # noqa: E402
@@ -58,12 +59,8 @@ def text_probe(lm: str, batch_size: int = 128) -> dict[str, float]:
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             encoded = [encode_conversation(tokenizer, [("user", prompt)], generation_prompt=True).ids for prompt, _ in batch]
-            longest = max(len(ids) for ids in encoded)
-            ids = torch.full((len(batch), longest), tokenizer.pad_token_id)  # (B, T), right-padded
-            mask = torch.zeros_like(ids)
-            for row, sequence in enumerate(encoded):
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-                mask[row, : len(sequence)] = 1
+            ids = pad_right(encoded, tokenizer.pad_token_id)  # (B, T)
+            mask = pad_right([[1] * len(sequence) for sequence in encoded], 0)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             last = logits[torch.arange(len(batch)), mask.sum(1) - 1]  # (B, V) at each prompt's end
             said_yes = (last[:, yes] > last[:, no]).tolist()
