@@ -136,8 +136,18 @@ def test_lm_corpus_writes_each_image_as_its_caption():
     assert len(by_caption) == 24
 
 
-def test_recall_questions_follow_colour_yes_no_questions_and_name_the_asked_colour():
-    from vlm.data.conversations import RECALL_QUESTION, add_recall_questions
+def test_lm_tokenizer_learns_the_role_markers_the_conversation_template_writes():
+    from vlm.conversation import ROLES
+    from vlm.lm import train_tokenizer
+    from vlm.train.lm import _render, corpus
+
+    tokenizer = train_tokenizer((_render(d) for d in corpus("easyvqa:train")[:2000]), 512)
+    for marker in ROLES.values():  # "USER:", "ASSISTANT:": a word and a colon, not one token per letter
+        assert len(tokenizer.tokenize(marker)) <= 2, tokenizer.tokenize(marker)
+
+
+def test_recall_questions_follow_yes_no_questions_and_name_the_asked_colour_or_shape():
+    from vlm.data.conversations import RECALL_QUESTIONS, add_recall_questions
 
     def turn(role, value):
         return {"from": role, "value": value}
@@ -149,10 +159,13 @@ def test_recall_questions_follow_colour_yes_no_questions_and_name_the_asked_colo
     ]
     add_recall_questions(conversations, 1.0)
     values = [[t["value"] for t in c["conversations"]] for c in conversations]
-    assert values[0] == ["<image>\nis there a red shape?", "no", RECALL_QUESTION, "red", "is there a circle?", "yes"]
+    color, shape = RECALL_QUESTIONS["color"], RECALL_QUESTIONS["shape"]
+    assert values[0] == ["<image>\nis there a red shape?", "no", color, "red", "is there a circle?", "yes", shape, "circle"]
     assert values[1] == ["<image>\nwhat color is the shape?", "blue"]  # not a yes/no question
-    assert values[2][2:] == [RECALL_QUESTION, "teal"]
-    assert [t["from"] for t in conversations[0]["conversations"]] == ["human", "gpt"] * 3
+    assert values[2][2:] == [color, "teal"]
+    assert [t["from"] for t in conversations[0]["conversations"]] == ["human", "gpt"] * 4
 
+    colors_only = add_recall_questions([{"conversations": [turn("human", "is there a circle?"), turn("gpt", "yes")]}], 1.0, attributes=("color",))
+    assert len(colors_only[0]["conversations"]) == 2
     none = add_recall_questions([{"conversations": [turn("human", "is there a red shape?"), turn("gpt", "no")]}], 0.0)
     assert len(none[0]["conversations"]) == 2

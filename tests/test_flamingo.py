@@ -163,6 +163,19 @@ def test_pair_questions_are_balanced_and_right():
         first, second = (by_path[p] for p in record["images"])
         attribute = "color" if "color" in record["conversations"][0]["value"] else "shape"
         assert (getattr(first, attribute) == getattr(second, attribute)) == (answer == "yes")
+    assert all(len(r["conversations"]) == 2 for r in records)
+
+
+def test_pair_recall_follow_ups_name_the_first_images_attribute():
+    from vlm.data.interleaved import FIRST_IMAGE_QUESTIONS
+
+    images = list(easyvqa.images("test"))
+    by_path = {im.path: im for im in images}
+    records = pair_records(images, 40, recall=1.0, seed=0)
+    for record in records:
+        first = by_path[record["images"][0]]
+        attribute = "color" if "color" in record["conversations"][0]["value"] else "shape"
+        assert [t["value"] for t in record["conversations"][2:]] == [FIRST_IMAGE_QUESTIONS[attribute], getattr(first, attribute)]
 
 
 def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_dataset):

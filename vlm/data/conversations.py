@@ -88,12 +88,13 @@ def read_llava_json(path: str | Path) -> list[dict]:
     return records
 
 
-RECALL_QUESTION = "which color did I ask about?"
+RECALL_QUESTIONS = {"color": "which color did I ask about?", "shape": "which shape did I ask about?"}
 
 
-def add_recall_questions(conversations: list[dict], fraction: float, *, seed: int = 0) -> list[dict]:
-    """After each yes/no question that names a colour, with probability `fraction`, ask
-    back which colour was asked about (answer: that colour word). In place; returns them.
+def add_recall_questions(conversations: list[dict], fraction: float, *, attributes=("color", "shape"), seed: int = 0) -> list[dict]:
+    """After each yes/no question that names a colour (or a shape; `attributes` says
+    which), with probability `fraction`, ask back which colour (shape) was asked about;
+    the answer is that word. In place; returns them.
 
     Why: a model must bring the question's colour to where it answers before it can
     compare it with the image's, and a yes/no answer alone gives gradient descent nothing
@@ -101,22 +102,31 @@ def add_recall_questions(conversations: list[dict], fraction: float, *, seed: in
     question). Repeating the colour is a plain copy that does; see README, "Known limitation".
     """
     rng = random.Random(seed)
-    names = [(color, re.compile(rf"\b{color}\b")) for color in easyvqa.COLORS]
+    names = [
+        (attribute, word, re.compile(rf"\b{word}\b"))
+        for attribute, words in (("color", easyvqa.COLORS), ("shape", easyvqa.SHAPES))
+        if attribute in attributes
+        for word in words
+    ]
     for conversation in conversations:
         turns, out = conversation["conversations"], []
         for question, answer in zip(turns[0::2], turns[1::2]):
             out += [question, answer]
-            asked = [color for color, pattern in names if pattern.search(question["value"])]
+            asked = [(attribute, word) for attribute, word, pattern in names if pattern.search(question["value"])]
             if answer["value"] in ("yes", "no") and asked and rng.random() < fraction:
-                out += [_turn("human", RECALL_QUESTION), _turn("gpt", asked[0])]
+                attribute, word = asked[0]
+                out += [_turn("human", RECALL_QUESTIONS[attribute]), _turn("gpt", word)]
         conversation["conversations"] = out
     return conversations
 
 
-def easyvqa_conversations(split: str, *, yes_no_per_image: int = 0, recall_questions: float = 0.0, seed: int = 0) -> list[dict]:
+def easyvqa_conversations(
+    split: str, *, yes_no_per_image: int = 0, recall_questions: float = 0.0, recall_attributes=("color", "shape"), seed: int = 0
+) -> list[dict]:
     """All of a split's questions as conversations, plus one caption exchange per image,
     plus `yes_no_per_image` balanced yes/no questions per image (easyvqa.balanced_yes_no),
-    with `recall_questions` of the colour yes/no questions followed by add_recall_questions'."""
+    with `recall_questions` of the yes/no questions about `recall_attributes` followed by
+    add_recall_questions'."""
     records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(split, yes_no_per_image, seed=seed)
-    questions = add_recall_questions(vqa_conversations(records, seed=seed), recall_questions, seed=seed)
+    questions = add_recall_questions(vqa_conversations(records, seed=seed), recall_questions, attributes=recall_attributes, seed=seed)
     return questions + caption_conversations(easyvqa.caption_records(split), seed=seed)

@@ -3,7 +3,9 @@
 - few-shot sequences: 1..max_chunks (image, question, answer) chunks in Flamingo's
   "<image>Question: q Answer: a<|endofchunk|>" format, every answer learnt;
 - comparison questions: two images, then "are both shapes the same color?" (or shape),
-  answered yes/no, half of each.
+  answered yes/no, half of each; optionally followed by "what color is the first
+  shape?" (or shape), which makes the model carry the first image's attribute past the
+  second image (text attends only to the most recent image).
 """
 
 import random
@@ -16,6 +18,10 @@ PAIR_QUESTIONS = {
     "color": "are both shapes the same color?",
     "shape": "are both shapes the same shape?",
 }
+FIRST_IMAGE_QUESTIONS = {
+    "color": "what color is the first shape?",
+    "shape": "what is the first shape?",
+}
 
 
 def fewshot_records(records: list[VqaRecord], count: int, *, max_chunks: int = 4, seed: int = 0) -> list[dict]:
@@ -27,8 +33,9 @@ def fewshot_records(records: list[VqaRecord], count: int, *, max_chunks: int = 4
     return out
 
 
-def pair_records(images: list[easyvqa.EasyVqaImage], count: int, *, seed: int = 0) -> list[dict]:
-    """Two-image comparisons, balanced between yes and no for each attribute."""
+def pair_records(images: list[easyvqa.EasyVqaImage], count: int, *, recall: float = 0.0, seed: int = 0) -> list[dict]:
+    """Two-image comparisons, balanced between yes and no for each attribute; a `recall`
+    fraction of them followed by FIRST_IMAGE_QUESTIONS, answered from the first image."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -39,12 +46,14 @@ def pair_records(images: list[easyvqa.EasyVqaImage], count: int, *, seed: int = 
             second = rng.choice(images)
             if second.path != first.path and (getattr(first, attribute) == getattr(second, attribute)) == want_same:
                 break
-        out.append({
-            "id": f"pair-{i}",
-            "images": [first.path, second.path],
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{PAIR_QUESTIONS[attribute]}"},
-                {"from": "gpt", "value": "yes" if want_same else "no"},
-            ],
-        })
+        conversation = [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{PAIR_QUESTIONS[attribute]}"},
+            {"from": "gpt", "value": "yes" if want_same else "no"},
+        ]
+        if recall and rng.random() < recall:  # no draw at 0: the evaluation pairs stay as they were
+            conversation += [
+                {"from": "human", "value": FIRST_IMAGE_QUESTIONS[attribute]},
+                {"from": "gpt", "value": getattr(first, attribute)},
+            ]
+        out.append({"id": f"pair-{i}", "images": [first.path, second.path], "conversations": conversation})
     return out

@@ -35,7 +35,8 @@ STAGES = ("all", "1", "2")
 class StageRecipe:
     data: str = "easyvqa:train"  # built-in split, caption file (stage 1) or LLaVA JSON (stage 2)
     yes_no_per_image: int = 0  # stage 2, built-in data: extra balanced yes/no questions per image
-    recall_questions: float = 0.0  # stage 2, built-in data: fraction of colour yes/no questions followed by "which color did I ask about?"
+    recall_questions: float = 0.0  # stage 2, built-in data: fraction of colour/shape yes/no questions followed by "which color (shape) did I ask about?"
+    recall_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which of the two get recall questions
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -91,7 +92,11 @@ def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage:
     freeze_for_stage(model, stage)
     kind = "captions" if stage == 1 else "conversations"
     records = conversation_records(
-        stage_recipe.data, kind=kind, yes_no_per_image=stage_recipe.yes_no_per_image, recall_questions=stage_recipe.recall_questions
+        stage_recipe.data,
+        kind=kind,
+        yes_no_per_image=stage_recipe.yes_no_per_image,
+        recall_questions=stage_recipe.recall_questions,
+        recall_attributes=stage_recipe.recall_attributes,
     )
     train_records, val_records = split_by_image(records, recipe.val_fraction)
     card = {"kind": "llava", "stage": stage, "recipe": recipe_json, "resolved_recipe": asdict(recipe)}

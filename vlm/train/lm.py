@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlm import hub
-from vlm.conversation import encode_conversation, from_llava
+from vlm.conversation import ROLES, encode_conversation, from_llava
 from vlm.data import easyvqa
 from vlm.data.conversations import easyvqa_conversations
 from vlm.data.sequences import CollateSequences, TokenDataset
@@ -65,7 +65,9 @@ def corpus(spec: str, *, yes_no_per_image: int = 0) -> list[list[tuple[str, str]
 
 
 def _render(document) -> str:
-    return document if isinstance(document, str) else "\n".join(f"{role}: {text}" for role, text in document)
+    """A document as the text the tokenizer learns from: conversations with the role
+    markers encode_conversation writes ("USER:", "ASSISTANT:"), so each is a token or two."""
+    return document if isinstance(document, str) else "\n".join(f"{ROLES[role]} {text}" for role, text in document)
 
 
 def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int]]:
