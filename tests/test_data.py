@@ -118,6 +118,19 @@ def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_fo
     assert 0.45 < yes < 0.55 and about_the_image == len(records) // 2
 
 
+def test_balanced_yes_no_with_fewer_negations_keeps_the_questions_and_flips_only_the_form():
+    even = easyvqa.balanced_yes_no("train", 4)
+    fewer = easyvqa.balanced_yes_no("train", 4, negated=0.2)
+    negated = [bool(easyvqa._NEGATED.search(r.question)) for r in fewer]
+    assert 0.17 < sum(negated) / len(negated) < 0.23
+    for before, after, is_negated in zip(even, fewer, negated):
+        assert after.image == before.image
+        if after.question != before.question:  # a negated form turned positive: the answer flips with it
+            assert not is_negated and easyvqa._NEGATED.search(before.question) and after.answer != before.answer
+    with pytest.raises(ValueError, match="negated"):
+        easyvqa.balanced_yes_no("train", 1, negated=0.6)
+
+
 def test_lm_corpus_writes_each_image_as_its_caption():
     from vlm.train.lm import corpus
 

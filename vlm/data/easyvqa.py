@@ -159,7 +159,7 @@ def caption_records(split: str) -> list[CaptionRecord]:
 
 
 # easy-VQA's yes/no question forms, as (template, negated); {} is "a red shape" style
-# ("red shape") or a shape name ("circle").
+# ("red shape") or a shape name ("circle"). The negated four are the first four with "not"/"no".
 YES_NO_FORMS = (
     ("is there a {}?", False), ("is there a {} in the image?", False), ("is a {} present?", False),
     ("does the image contain a {}?", False), ("is there not a {}?", True), ("is there not a {} in the image?", True),
@@ -167,12 +167,21 @@ YES_NO_FORMS = (
 )
 
 
-def balanced_yes_no(split: str, per_image: int, *, seed: int = 0) -> list[VqaRecord]:
+def balanced_yes_no(split: str, per_image: int, *, negated: float = 0.5, seed: int = 0) -> list[VqaRecord]:
     """`per_image` extra yes/no questions per image, in easy-VQA's own forms, half of
     them about what the image shows. easy-VQA's colour questions are ~88% about an absent
     colour, so a model sees few "yes, that colour" cases; these even that out. Built from
-    the split's labels only (use it on the train split)."""
+    the split's labels only (use it on the train split).
+
+    `negated` (at most 0.5) is the share of negated forms ("is there not a ..."). At 0.5,
+    whether the asked value is shown says nothing about the answer until the model also
+    reads the negation (yes = shown XOR negated), and gradient descent gets no signal to
+    start the comparison from; below 0.5, "shown" alone predicts "yes".
+    """
+    if not 0.0 <= negated <= 0.5:
+        raise ValueError(f"negated must be in [0, 0.5], got {negated}")
     rng = np.random.default_rng(seed)
+    unnegate = np.random.default_rng(seed + 1)  # a second stream: at 0.5 the questions stay as they were
     records = []
     for image in images(split):
         for k in range(per_image):
@@ -182,8 +191,11 @@ def balanced_yes_no(split: str, per_image: int, *, seed: int = 0) -> list[VqaRec
                 subject = f"{color} shape"
             else:
                 subject = image.shape if present else rng.choice([s for s in SHAPES if s != image.shape])
-            template, negated = YES_NO_FORMS[rng.integers(len(YES_NO_FORMS))]
-            records.append(VqaRecord(image.path, template.format(subject), "yes" if present != negated else "no"))
+            form = int(rng.integers(len(YES_NO_FORMS)))
+            if YES_NO_FORMS[form][1] and negated < 0.5 and unnegate.random() >= negated / 0.5:
+                form -= len(YES_NO_FORMS) // 2  # the same form without "not"/"no"
+            template, is_negated = YES_NO_FORMS[form]
+            records.append(VqaRecord(image.path, template.format(subject), "yes" if present != is_negated else "no"))
     return records
 
 

@@ -34,14 +34,21 @@ def vqa_records(spec: str) -> list[VqaRecord]:
 
 
 def conversation_records(
-    spec: str, *, kind: str = "conversations", yes_no_per_image: int = 0, recall_questions: float = 0.0, recall_attributes=("color", "shape")
+    spec: str,
+    *,
+    kind: str = "conversations",
+    yes_no_per_image: int = 0,
+    yes_no_negated: float = 0.5,
+    recall_questions: float = 0.0,
+    recall_attributes=("color", "shape"),
 ) -> list[dict]:
     """LLaVA-format records.
 
     kind="captions": one describe-the-image exchange per caption (built-in split or
     caption file). kind="conversations": a built-in split's questions and captions, a
     LLaVA JSON file (.json), or a VQA or caption file (.jsonl/.csv) turned into exchanges.
-    yes_no_per_image: built-in splits only, extra balanced yes/no questions per image.
+    yes_no_per_image: built-in splits only, extra balanced yes/no questions per image,
+        `yes_no_negated` of them in negated forms (easyvqa.balanced_yes_no).
     recall_questions: built-in splits only, the fraction of yes/no questions about
         `recall_attributes` ("color", "shape") followed by "which color (shape) did I ask
         about?" (conversations.add_recall_questions).
@@ -51,7 +58,11 @@ def conversation_records(
     split = builtin_split(spec)
     if split:
         return easyvqa_conversations(
-            split, yes_no_per_image=yes_no_per_image, recall_questions=recall_questions, recall_attributes=recall_attributes
+            split,
+            yes_no_per_image=yes_no_per_image,
+            yes_no_negated=yes_no_negated,
+            recall_questions=recall_questions,
+            recall_attributes=recall_attributes,
         )
     if spec.endswith(".json"):
         return read_llava_json(spec)

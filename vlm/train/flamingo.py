@@ -42,6 +42,7 @@ class FlamingoRecipe:
     max_length: int = 256  # tokens per sequence (an image is one token)
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
     yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image
+    yes_no_negated: float = 0.5  # the share of those in negated forms (easyvqa.balanced_yes_no)
     recall_questions: float = 0.0  # built-in data: fraction of yes/no questions followed by "which color (shape) did I ask about?", and of comparisons by a question about the first image
     fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
     pair_questions: int = 8000  # two-image comparisons (built-in data only)
@@ -63,7 +64,12 @@ def freeze_for_flamingo(model: FlamingoModel) -> None:
 
 
 def training_records(recipe: FlamingoRecipe) -> list[dict]:
-    records = conversation_records(recipe.data, yes_no_per_image=recipe.yes_no_per_image, recall_questions=recipe.recall_questions)
+    records = conversation_records(
+        recipe.data,
+        yes_no_per_image=recipe.yes_no_per_image,
+        yes_no_negated=recipe.yes_no_negated,
+        recall_questions=recipe.recall_questions,
+    )
     split = builtin_split(recipe.data)
     if split:
         records += fewshot_records(easyvqa.vqa_records(split), recipe.fewshot_sequences, seed=1)
