@@ -1,3 +1,4 @@
+import copy
 import json
 import logging
 
@@ -54,6 +55,22 @@ def test_labels_cover_only_the_answers(tiny_llava):
     learnt = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
     assert tokenizer.decode(learnt) == " red</s> circle</s>"
     assert all(l == IGNORE_INDEX for i, l in zip(ids, labels) if i == tiny_llava.image_token_id)
+
+
+def test_conversations_start_with_bos_only_for_tokenizers_that_add_it(tiny_lm_and_tokenizer):
+    from tokenizers import processors
+
+    from vlm.conversation import encode_conversation
+
+    _, ours = tiny_lm_and_tokenizer
+    turns = [("user", "what color?"), ("assistant", "red")]
+    plain = encode_conversation(ours, turns)
+    assert plain.ids[0] != ours.bos_token_id
+    llama_like = copy.deepcopy(ours)  # Llama's tokenizers put <s> before every text
+    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", ours.bos_token_id)])
+    encoded = encode_conversation(llama_like, turns)
+    assert encoded.ids == [ours.bos_token_id] + plain.ids
+    assert encoded.labels == [IGNORE_INDEX] + plain.labels
 
 
 @pytest.mark.parametrize("name,layers", [("linear", 1), ("mlp2x_gelu", 3), ("mlp3x_gelu", 5)])
@@ -157,7 +174,6 @@ def test_answer_hits_counts_whole_answers():
 
 
 def test_mixtral_sparse_experts_lm_trains(tiny_clip, tiny_lm_and_tokenizer):
-    import copy
 
     from transformers import AutoModelForCausalLM, MixtralConfig
 

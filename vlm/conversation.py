@@ -7,7 +7,7 @@
     ASSISTANT: circle</s>
 
 A conversation is a list of (role, text) turns, role "user" or "assistant" (LLaVA's
-"human"/"gpt" map onto them). Training labels cover only the assistant's words and the
+"human"/"gpt" map onto them); it starts with the tokenizer's <s> if its texts do. Training labels cover only the assistant's words and the
 end-of-sequence token; everything else is IGNORE_INDEX.
 """
 
@@ -24,6 +24,13 @@ class Encoded:
     labels: list[int]  # same length; IGNORE_INDEX where nothing is learnt
 
 
+def start_ids(tokenizer) -> list[int]:
+    """The token a tokenizer puts before every text: [<s>] for Llama's (whose models
+    expect it), [] for GPT-2's and ours."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("")["input_ids"][:1] == [bos] else []
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -36,8 +43,8 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str]], *, generation_p
         generation_prompt: end with "ASSISTANT:" for the model to continue (the last turn
             must then be the user's).
     """
-    ids: list[int] = []
-    labels: list[int] = []
+    ids = start_ids(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
     for role, text in turns:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
@@ -65,8 +72,8 @@ def encode_fewshot(tokenizer, examples: list[tuple[str, str]], question: str | N
     from vlm.lm import CHUNK_END, IMAGE_TOKEN
 
     chunk_end = tokenizer.convert_tokens_to_ids(CHUNK_END)
-    ids: list[int] = []
-    labels: list[int] = []
+    ids = start_ids(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
     for q, a in examples:
         prompt = _encode(tokenizer, f"{IMAGE_TOKEN}Question: {q} Answer:")
         answer = _encode(tokenizer, f" {a.strip()}") + [chunk_end]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlm import hub
-from vlm.conversation import ROLES, encode_conversation, from_llava
+from vlm.conversation import ROLES, encode_conversation, from_llava, start_ids
 from vlm.data import easyvqa
 from vlm.data.conversations import easyvqa_conversations
 from vlm.data.sequences import CollateSequences, TokenDataset
@@ -72,7 +72,7 @@ def _render(document) -> str:
 
 def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int]]:
     if isinstance(document, str):
-        ids = tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = start_ids(tokenizer) + tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     else:
         ids = encode_conversation(tokenizer, document).ids
     ids = ids[:max_length]
