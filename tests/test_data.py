@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -100,8 +101,6 @@ def test_easyvqa_caption_matches_the_what_questions():
 
 
 def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_forms():
-    import re
-
     by_path = {im.path: im for im in easyvqa.images("train")}
     own_forms = {re.sub(r"\b(%s)\b" % "|".join(easyvqa.COLORS + easyvqa.SHAPES), "X", r.question) for r in vqa_records("easyvqa:train")}
     records = easyvqa.balanced_yes_no("train", 4)
@@ -129,6 +128,25 @@ def test_balanced_yes_no_with_fewer_negations_keeps_the_questions_and_flips_only
             assert not is_negated and easyvqa._NEGATED.search(before.question) and after.answer != before.answer
     with pytest.raises(ValueError, match="negated"):
         easyvqa.balanced_yes_no("train", 1, negated=0.6)
+
+
+def test_skewed_yes_no_questions_ask_about_the_shown_value_more_often_for_later_values():
+    by_path = {image.path: image for image in easyvqa.images("train")}
+    records = easyvqa.balanced_yes_no("train", 6, skew=0.4)
+    shown = {value: [] for value in easyvqa.COLORS + easyvqa.SHAPES}
+    for record in records:
+        image = by_path[record.image]
+        values = easyvqa.COLORS if set(record.question.split()) & set(easyvqa.COLORS) else easyvqa.SHAPES
+        value = image.color if values is easyvqa.COLORS else image.shape
+        is_shown = (record.answer == "yes") != bool(easyvqa._NEGATED.search(record.question))
+        assert is_shown == bool(re.search(rf"\b{value}\b", record.question)), record
+        shown[value].append(is_shown)
+    rate = {value: sum(flags) / len(flags) for value, flags in shown.items()}
+    assert rate["red"] < 0.2 and rate["black"] > 0.8  # 0.5 - 0.4 and 0.5 + 0.4, per shown value
+    assert rate["circle"] < 0.2 < 0.4 < rate["rectangle"] < 0.6 < 0.8 < rate["triangle"]
+    assert easyvqa.balanced_yes_no("train", 2, skew=0.0) == easyvqa.balanced_yes_no("train", 2)
+    with pytest.raises(ValueError, match="skew"):
+        easyvqa.balanced_yes_no("train", 1, skew=0.6)
 
 
 def test_lm_corpus_writes_each_image_as_its_caption():

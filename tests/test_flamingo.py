@@ -166,6 +166,21 @@ def test_pair_questions_are_balanced_and_right():
     assert all(len(r["conversations"]) == 2 for r in records)
 
 
+def test_skewed_pair_questions_say_yes_more_often_for_later_first_values_and_stay_right():
+    images = list(easyvqa.images("train"))
+    by_path = {im.path: im for im in images}
+    same = {value: [] for value in easyvqa.COLORS + easyvqa.SHAPES}
+    for record in pair_records(images, 2000, skew=0.4, seed=0):
+        first, second = (by_path[p] for p in record["images"])
+        attribute = "color" if "color" in record["conversations"][0]["value"] else "shape"
+        is_same = getattr(first, attribute) == getattr(second, attribute)
+        assert is_same == (record["conversations"][1]["value"] == "yes")
+        same[getattr(first, attribute)].append(is_same)
+    rate = {value: sum(flags) / len(flags) for value, flags in same.items()}
+    assert rate["red"] < 0.25 and rate["black"] > 0.75 and rate["circle"] < 0.2 and rate["triangle"] > 0.8
+    assert pair_records(images, 40, skew=0.0, seed=3) == pair_records(images, 40, seed=3)
+
+
 def test_pair_recall_follow_ups_name_the_first_images_attribute():
     from vlm.data.interleaved import FIRST_IMAGE_QUESTIONS
 

@@ -39,6 +39,7 @@ def conversation_records(
     kind: str = "conversations",
     yes_no_per_image: int = 0,
     yes_no_negated: float = 0.5,
+    yes_no_skew: float = 0.0,
     recall_questions: float = 0.0,
     recall_attributes=("color", "shape"),
 ) -> list[dict]:
@@ -48,7 +49,7 @@ def conversation_records(
     caption file). kind="conversations": a built-in split's questions and captions, a
     LLaVA JSON file (.json), or a VQA or caption file (.jsonl/.csv) turned into exchanges.
     yes_no_per_image: built-in splits only, extra balanced yes/no questions per image,
-        `yes_no_negated` of them in negated forms (easyvqa.balanced_yes_no).
+        `yes_no_negated` of them in negated forms, tilted by `yes_no_skew` (easyvqa.balanced_yes_no).
     recall_questions: built-in splits only, the fraction of yes/no questions about
         `recall_attributes` ("color", "shape") followed by "which color (shape) did I ask
         about?" (conversations.add_recall_questions).
@@ -61,6 +62,7 @@ def conversation_records(
             split,
             yes_no_per_image=yes_no_per_image,
             yes_no_negated=yes_no_negated,
+            yes_no_skew=yes_no_skew,
             recall_questions=recall_questions,
             recall_attributes=recall_attributes,
         )

@@ -43,6 +43,7 @@ class FlamingoRecipe:
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
     yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image
     yes_no_negated: float = 0.5  # the share of those in negated forms (easyvqa.balanced_yes_no)
+    yes_no_skew: float = 0.0  # per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no), and of "yes" in comparisons
     recall_questions: float = 0.0  # built-in data: fraction of yes/no questions followed by "which color (shape) did I ask about?", and of comparisons by a question about the first image
     fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
     pair_questions: int = 8000  # two-image comparisons (built-in data only)
@@ -68,12 +69,13 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
         recipe.data,
         yes_no_per_image=recipe.yes_no_per_image,
         yes_no_negated=recipe.yes_no_negated,
+        yes_no_skew=recipe.yes_no_skew,
         recall_questions=recipe.recall_questions,
     )
     split = builtin_split(recipe.data)
     if split:
         records += fewshot_records(easyvqa.vqa_records(split), recipe.fewshot_sequences, seed=1)
-        records += pair_records(list(easyvqa.images(split)), recipe.pair_questions, recall=recipe.recall_questions, seed=2)
+        records += pair_records(list(easyvqa.images(split)), recipe.pair_questions, recall=recipe.recall_questions, skew=recipe.yes_no_skew, seed=2)
     return records
 
 

@@ -36,6 +36,7 @@ class StageRecipe:
     data: str = "easyvqa:train"  # built-in split, caption file (stage 1) or LLaVA JSON (stage 2)
     yes_no_per_image: int = 0  # stage 2, built-in data: extra balanced yes/no questions per image
     yes_no_negated: float = 0.5  # stage 2: the share of those in negated forms (easyvqa.balanced_yes_no)
+    yes_no_skew: float = 0.0  # stage 2: per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no)
     recall_questions: float = 0.0  # stage 2, built-in data: fraction of colour/shape yes/no questions followed by "which color (shape) did I ask about?"
     recall_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which of the two get recall questions
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -97,6 +98,7 @@ def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage:
         kind=kind,
         yes_no_per_image=stage_recipe.yes_no_per_image,
         yes_no_negated=stage_recipe.yes_no_negated,
+        yes_no_skew=stage_recipe.yes_no_skew,
         recall_questions=stage_recipe.recall_questions,
         recall_attributes=stage_recipe.recall_attributes,
     )
