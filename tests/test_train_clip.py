@@ -114,3 +114,34 @@ def test_length_grouping_keeps_every_example_once_and_cuts_padding():
 
     assert padding(grouped) < 0.2 * padding(plain)
     assert grouped != epoch_batches(1000, 10, seed=0, epoch=1, lengths=lengths)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_is_taken_only_where_the_cpu_computes_bf16_natively(tmp_path, monkeypatch, caplog, native):
+    import torch
+
+    from vlm.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda: native)
+    layer = torch.nn.Linear(4, 1)
+    seen = []
+
+    class Objective(torch.nn.Module):
+        def forward(self, batch):
+            out = layer(batch["x"])
+            seen.append(out.dtype)
+            return out.float().pow(2).mean()
+
+    data = [torch.randn(4) for _ in range(8)]
+    trainer = trainer_module.Trainer(
+        model=layer,
+        groups=trainer_module.param_groups(layer, 0.0),
+        config=trainer_module.TrainConfig(epochs=1, batch_size=4, bf16=True, workers=0),
+        run_dir=tmp_path / "run",
+        dataset=data,
+        collate=lambda xs: {"x": torch.stack(xs), "size": len(xs), "skipped": []},
+        objective=Objective(),
+    )
+    trainer.fit()
+    assert seen == [torch.bfloat16 if native else torch.float32] * 2
+    assert ("no native bfloat16" in caplog.text) is not native
