@@ -113,8 +113,8 @@ class LlavaModel(ChatMixin, nn.Module):
 
     def step(self, embeds, attention_mask, position_ids, cache, prompt, start):
         cache = cache if cache is not None else DynamicCache()
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        return out.logits, out.cache
 
     def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
         directory = Path(directory)
