@@ -3,8 +3,9 @@
 AdamW with linear warmup and cosine decay, gradient clipping, a seeded per-epoch shuffle,
 and checkpoints from which a resumed run continues with the same batches it would have
 seen. Optional bf16 autocast, taken only on CPUs that compute in bfloat16 natively
-(elsewhere it is many times slower than float32, so the loop keeps float32 and says so). Progress is a tqdm bar; the run directory gets
-`metrics.csv` (training loss), `eval.csv` (validation metrics per epoch) and `curves.png`.
+(elsewhere it is many times slower than float32, so the loop keeps float32 and says so).
+Progress is a tqdm bar; the run directory gets `metrics.csv` (training loss), `eval.csv`
+(validation metrics per epoch) and `curves.png`.
 
 Under torchrun the objective is wrapped in DistributedDataParallel; `batch_size` is the
 global batch, each rank taking its share of every batch, and only rank 0 logs,
