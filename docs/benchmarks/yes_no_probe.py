@@ -9,8 +9,9 @@ Two probes, neither touching easyvqa:test:
 - vision: each VQA model on the train images its recipe held out for validation (never
   trained on), asked "is there a {colour} shape?" for all 8 colours and "is there a
   {shape}?" for all 3 shapes, generated and exact-matched like `eval vqa`.
-Each is reported per (colour|shape question) x (value present|absent). Writes
-docs/benchmarks/yes_no_probe.md and .json.
+Each is reported per (colour|shape question) x (value present|absent). The vision probe also
+asks each image "what shape is in the image?", to tell a comparison failure from a model
+that no longer recognises the shape. Writes docs/benchmarks/yes_no_probe.md and .json.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from vlm.load import load_vlm  # noqa: E402
 from vlm.train.splits import held_out  # noqa: E402
 
 CASES = ("color, present", "color, absent", "shape, present", "shape, absent")
+OPEN_SHAPE = "what shape? (open)"  # vision probe only
 
 
 def text_cases() -> dict[str, list[tuple[str, str]]]:
@@ -70,10 +72,11 @@ def text_probe(lm: str, batch_size: int = 128) -> dict[str, float]:
 
 
 def vision_records(val_fraction: float) -> dict[str, list[VqaRecord]]:
-    records: dict[str, list[VqaRecord]] = {case: [] for case in CASES}
+    records: dict[str, list[VqaRecord]] = {case: [] for case in (*CASES, OPEN_SHAPE)}
     for image in easyvqa.images("train"):
         if not held_out(image.path, val_fraction):
             continue
+        records[OPEN_SHAPE].append(VqaRecord(image.path, "what shape is in the image?", image.shape))
         for color in easyvqa.COLORS:
             case = "color, present" if color == image.color else "color, absent"
             records[case].append(VqaRecord(image.path, f"is there a {color} shape?", "yes" if color == image.color else "no"))
@@ -99,12 +102,13 @@ def main() -> None:
         rows[f"{name} (held-out train images)"] = vision_probe(name, args.val_fraction)
     images = sum(held_out(image.path, args.val_fraction) for image in easyvqa.images("train"))
     questions = {case: len(items) for case, items in text_cases().items()}
-    table = ["| model | " + " | ".join(CASES) + " |", "|---" * (len(CASES) + 1) + "|"]
-    table += [f"| {name} | " + " | ".join(f"{scores[c]:.3f}" for c in CASES) + " |" for name, scores in rows.items()]
+    columns = (*CASES, OPEN_SHAPE)
+    table = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    table += [f"| {name} | " + " | ".join(f"{scores[c]:.3f}" if c in scores else "-" for c in columns) + " |" for name, scores in rows.items()]
     sections = [
         "Accuracy on yes/no questions, split by whether the asked colour or shape is the one shown.",
         f"Text probe: {sum(questions.values())} prompts ({', '.join(f'{c}: {n}' for c, n in questions.items())}).",
-        f"Vision probe: {images} held-out train images, 8 colour and 3 shape questions each.",
+        f"Vision probe: {images} held-out train images, 8 colour and 3 shape yes/no questions and one open shape question each.",
         "",
         *table,
     ]
