@@ -130,9 +130,9 @@ def test_balanced_yes_no_with_fewer_negations_keeps_the_questions_and_flips_only
         easyvqa.balanced_yes_no("train", 1, negated=0.6)
 
 
-def test_skewed_yes_no_questions_ask_about_the_shown_value_more_often_for_later_values():
+def _shown_rates(records) -> dict[str, float]:
+    """Per value an image shows: how often a yes/no question asks about it."""
     by_path = {image.path: image for image in easyvqa.images("train")}
-    records = easyvqa.balanced_yes_no("train", 6, skew=0.4)
     shown = {value: [] for value in easyvqa.COLORS + easyvqa.SHAPES}
     for record in records:
         image = by_path[record.image]
@@ -141,12 +141,24 @@ def test_skewed_yes_no_questions_ask_about_the_shown_value_more_often_for_later_
         is_shown = (record.answer == "yes") != bool(easyvqa._NEGATED.search(record.question))
         assert is_shown == bool(re.search(rf"\b{value}\b", record.question)), record
         shown[value].append(is_shown)
-    rate = {value: sum(flags) / len(flags) for value, flags in shown.items()}
+    return {value: sum(flags) / len(flags) for value, flags in shown.items()}
+
+
+def test_skewed_yes_no_questions_ask_about_the_shown_value_more_often_for_later_values():
+    rate = _shown_rates(easyvqa.balanced_yes_no("train", 6, skew=0.4))
     assert rate["red"] < 0.2 and rate["black"] > 0.8  # 0.5 - 0.4 and 0.5 + 0.4, per shown value
     assert rate["circle"] < 0.2 < 0.4 < rate["rectangle"] < 0.6 < 0.8 < rate["triangle"]
     assert easyvqa.balanced_yes_no("train", 2, skew=0.0) == easyvqa.balanced_yes_no("train", 2)
     with pytest.raises(ValueError, match="skew"):
         easyvqa.balanced_yes_no("train", 1, skew=0.6)
+
+
+def test_skew_tilts_only_the_named_attributes_questions():
+    rate = _shown_rates(easyvqa.balanced_yes_no("train", 6, skew=0.4, skew_attributes=["color"]))
+    assert rate["red"] < 0.2 and rate["black"] > 0.8
+    assert all(0.4 < rate[shape] < 0.6 for shape in easyvqa.SHAPES), rate
+    with pytest.raises(ValueError, match="skew_attributes"):
+        easyvqa.balanced_yes_no("train", 1, skew=0.4, skew_attributes=["size"])
 
 
 def test_lm_corpus_writes_each_image_as_its_caption():

@@ -174,7 +174,9 @@ YES_NO_FORMS = (
 )
 
 
-def balanced_yes_no(split: str, per_image: int, *, negated: float = 0.5, skew: float = 0.0, seed: int = 0) -> list[VqaRecord]:
+def balanced_yes_no(
+    split: str, per_image: int, *, negated: float = 0.5, skew: float = 0.0, skew_attributes=("color", "shape"), seed: int = 0
+) -> list[VqaRecord]:
     """`per_image` extra yes/no questions per image, in easy-VQA's own forms, half of
     them about what the image shows. easy-VQA's colour questions are ~88% about an absent
     colour, so a model sees few "yes, that colour" cases; these even that out. Built from
@@ -192,11 +194,15 @@ def balanced_yes_no(split: str, per_image: int, *, negated: float = 0.5, skew: f
     in context, these questions only), the tiny LM sat at chance for 1,000+ steps when
     balanced; with skew 0.4 and no negated forms it answered every probe question right
     by 1,000 steps (README, "Known limitation"). Negated forms at 0.5 cancel the tilt.
+    `skew_attributes` ("color", "shape") says which questions are tilted; the others stay
+    half about the shown value.
     """
     if not 0.0 <= negated <= 0.5:
         raise ValueError(f"negated must be in [0, 0.5], got {negated}")
     if not 0.0 <= skew <= 0.5:
         raise ValueError(f"skew must be in [0, 0.5], got {skew}")
+    if unknown := set(skew_attributes) - {"color", "shape"}:
+        raise ValueError(f"skew_attributes must be 'color' and/or 'shape', got {sorted(unknown)}")
     rng = np.random.default_rng(seed)
     unnegate = np.random.default_rng(seed + 1)  # more streams: with the defaults the questions stay as they were
     tilt = np.random.default_rng(seed + 2)
@@ -204,7 +210,7 @@ def balanced_yes_no(split: str, per_image: int, *, negated: float = 0.5, skew: f
     for image in images(split):
         for k in range(per_image):
             about_color, present = rng.random() < 0.7, k % 2 == 0
-            if skew:
+            if skew and ("color" if about_color else "shape") in skew_attributes:
                 present = tilt.random() < tilted_rate(image.color if about_color else image.shape, skew)
             if about_color:
                 color = image.color if present else rng.choice([c for c in COLORS if c != image.color])

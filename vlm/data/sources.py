@@ -40,6 +40,7 @@ def conversation_records(
     yes_no_per_image: int = 0,
     yes_no_negated: float = 0.5,
     yes_no_skew: float = 0.0,
+    yes_no_skew_attributes=("color", "shape"),
     recall_questions: float = 0.0,
     recall_attributes=("color", "shape"),
 ) -> list[dict]:
@@ -49,7 +50,8 @@ def conversation_records(
     caption file). kind="conversations": a built-in split's questions and captions, a
     LLaVA JSON file (.json), or a VQA or caption file (.jsonl/.csv) turned into exchanges.
     yes_no_per_image: built-in splits only, extra balanced yes/no questions per image,
-        `yes_no_negated` of them in negated forms, tilted by `yes_no_skew` (easyvqa.balanced_yes_no).
+        `yes_no_negated` of them in negated forms, those about `yes_no_skew_attributes`
+        tilted by `yes_no_skew` (easyvqa.balanced_yes_no).
     recall_questions: built-in splits only, the fraction of yes/no questions about
         `recall_attributes` ("color", "shape") followed by "which color (shape) did I ask
         about?" (conversations.add_recall_questions).
@@ -63,6 +65,7 @@ def conversation_records(
             yes_no_per_image=yes_no_per_image,
             yes_no_negated=yes_no_negated,
             yes_no_skew=yes_no_skew,
+            yes_no_skew_attributes=yes_no_skew_attributes,
             recall_questions=recall_questions,
             recall_attributes=recall_attributes,
         )

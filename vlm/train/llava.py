@@ -37,6 +37,7 @@ class StageRecipe:
     yes_no_per_image: int = 0  # stage 2, built-in data: extra balanced yes/no questions per image
     yes_no_negated: float = 0.5  # stage 2: the share of those in negated forms (easyvqa.balanced_yes_no)
     yes_no_skew: float = 0.0  # stage 2: per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no)
+    yes_no_skew_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which questions are tilted
     recall_questions: float = 0.0  # stage 2, built-in data: fraction of colour/shape yes/no questions followed by "which color (shape) did I ask about?"
     recall_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which of the two get recall questions
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -99,6 +100,7 @@ def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage:
         yes_no_per_image=stage_recipe.yes_no_per_image,
         yes_no_negated=stage_recipe.yes_no_negated,
         yes_no_skew=stage_recipe.yes_no_skew,
+        yes_no_skew_attributes=stage_recipe.yes_no_skew_attributes,
         recall_questions=stage_recipe.recall_questions,
         recall_attributes=stage_recipe.recall_attributes,
     )
