@@ -6,6 +6,7 @@ import torch
 from vlm.conversation import IGNORE_INDEX, encode_fewshot
 from vlm.data import easyvqa
 from vlm.data.interleaved import pair_records
+from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel
 from vlm.generation import GenerationConfig, generate
 from vlm.resampler import PerceiverResampler
@@ -219,3 +220,15 @@ def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_
     model = load_vlm(str(tmp_path / "run"))
     assert isinstance(model, FlamingoModel)
     assert isinstance(model.chat([{"role": "user", "content": "<image>\n<image>\nsame color?"}], [RED, BLUE]), str)
+
+    # --init continues the trained model (nearly frozen here by a tiny lr), not a new one.
+    recipe["train"]["lr"] = 1e-12
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "more", init=str(tmp_path / "run"))
+    before, after = load_vlm(str(tmp_path / "run")), load_vlm(str(tmp_path / "more"))
+    gates = [n for n, _ in before.named_parameters() if n.endswith("gate")]
+    assert gates and any(before.get_parameter(n).item() != 0 for n in gates)
+    for name, param in before.named_parameters():
+        torch.testing.assert_close(after.get_parameter(name), param, atol=1e-6, rtol=0)
+    with pytest.raises(VlmError, match="not a shipped Flamingo model"):
+        train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "bad", init=str(tmp_path / "lm"))

@@ -1,6 +1,7 @@
 """Recipe: train a Flamingo-style model.
 
     vlmstack train flamingo --recipe flamingo-easyvqa --out runs/flamingo
+    vlmstack train flamingo --recipe R --out runs/more --init flamingo-easyvqa  # continue a model
 
 The vision tower and the language model stay frozen; the Perceiver Resampler, the gated
 cross-attention blocks and the embeddings of the new tokens (<image>, <|endofchunk|>)
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from vlm import hub
 from vlm.clip import load_clip
 from vlm.data import easyvqa
 from vlm.data.interleaved import fewshot_records, pair_records
 from vlm.data.sequences import record_images
 from vlm.data.sources import builtin_split, conversation_records
+from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel, build_flamingo
 from vlm.lm import load_lm
 from vlm.train.recipes import load_recipe
@@ -44,6 +47,7 @@ class FlamingoRecipe:
     yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image
     yes_no_negated: float = 0.5  # the share of those in negated forms (easyvqa.balanced_yes_no)
     yes_no_skew: float = 0.0  # per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no), and of "yes" in comparisons
+    yes_no_skew_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which yes/no questions are tilted
     recall_questions: float = 0.0  # built-in data: fraction of yes/no questions followed by "which color (shape) did I ask about?", and of comparisons by a question about the first image
     fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
     pair_questions: int = 8000  # two-image comparisons (built-in data only)
@@ -70,6 +74,7 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
         yes_no_per_image=recipe.yes_no_per_image,
         yes_no_negated=recipe.yes_no_negated,
         yes_no_skew=recipe.yes_no_skew,
+        yes_no_skew_attributes=recipe.yes_no_skew_attributes,
         recall_questions=recipe.recall_questions,
     )
     split = builtin_split(recipe.data)
@@ -79,15 +84,12 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
     return records
 
 
-def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
+def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False, init: str | None = None) -> dict:
+    """Train a new model, or with `init` (shipped name or model directory) continue one:
+    then the recipe's data and training settings apply and its architecture fields do not."""
     recipe, recipe_json = load_recipe(FlamingoRecipe, recipe_spec, "flamingo")
     torch.manual_seed(recipe.train.seed)
-    vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
-    lm, tokenizer = load_lm(recipe.lm)
-    model = build_flamingo(
-        vision=vision, lm=lm, tokenizer=tokenizer, resampler=recipe.resampler, cross_attn_every=recipe.cross_attn_every,
-        xattn_heads=recipe.xattn_heads, xattn_head_dim=recipe.xattn_head_dim, max_length=recipe.max_length,
-    )
+    model = _init_model(init) if init else _new_model(recipe)
     freeze_for_flamingo(model)
     records = training_records(recipe)
     # A sequence is validation if any of its images is held out; training never sees them.
@@ -95,3 +97,19 @@ def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False) -
     train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     card = {"kind": "flamingo", "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
     return train_stage(model, records=train, val_records=val, config=recipe.train, run_dir=Path(out), resume=resume, card=card)
+
+
+def _new_model(recipe: FlamingoRecipe) -> FlamingoModel:
+    vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
+    lm, tokenizer = load_lm(recipe.lm)
+    return build_flamingo(
+        vision=vision, lm=lm, tokenizer=tokenizer, resampler=recipe.resampler, cross_attn_every=recipe.cross_attn_every,
+        xattn_heads=recipe.xattn_heads, xattn_head_dim=recipe.xattn_head_dim, max_length=recipe.max_length,
+    )
+
+
+def _init_model(init: str) -> FlamingoModel:
+    directory = hub.resolve_dir(init)
+    if directory is None or hub.model_kind(directory) != "flamingo":
+        raise VlmError(f"--init {init!r} is not a shipped Flamingo model or a Flamingo model directory")
+    return FlamingoModel.load(directory)
