@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlm.conversation import IGNORE_INDEX
+from vlm.errors import VlmError
 from vlm.generation import GenerationConfig, generate
 from vlm.llava import LlavaModel, build_llava
 from vlm.projector import build_projector
@@ -238,6 +239,10 @@ def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, tiny_clip, tiny
     assert json.loads((tmp_path / "run" / "stage1" / "model_card.json").read_text())["stage"] == 1
     model = load_vlm(str(tmp_path / "run"))
     assert isinstance(model, LlavaModel) and isinstance(model.answer(RED, "color?"), str)
+    with pytest.raises(VlmError, match="stage 2 starts from a LLaVA model"):
+        train_llava(str(tmp_path / "recipe.json"), tmp_path / "more", stage="2", init=str(tmp_path / "lm"))
+    with pytest.raises(VlmError, match="run --stage 1 first"):
+        train_llava(str(tmp_path / "recipe.json"), tmp_path / "fresh", stage="2")
 
 
 def test_one_call_with_more_images_than_the_feature_cache_holds(tiny_llava, monkeypatch):

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory; becomes the model directory")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--stage", default="all", choices=["all", "1", "2"], help="llava: which stage (1 -> OUT/stage1)")
-    train.add_argument("--init", default=None, help="llava stage 2: start from this model (default OUT/stage1); flamingo: continue this model (shipped name or directory)")
+    train.add_argument("--init", default=None, help="continue this model (shipped name or directory); llava: stage 2 only (default OUT/stage1)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")

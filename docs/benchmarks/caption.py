@@ -51,7 +51,12 @@ def main() -> None:
             out = Path(tmp) / f"{name}.jsonl"
             report, seconds = timed(caption_folder, folder, model=model, out=out, batch_size=16, progress=False)
             captions = [json.loads(line) for line in out.read_text().splitlines()]
-            right = sum(names_right(c["caption"], truth[Path(c["image"]).name].color, truth[Path(c["image"]).name].shape) for c in captions)
+            wrong = []
+            for c in captions:
+                image = truth[Path(c["image"]).name]
+                if not names_right(c["caption"], image.color, image.shape):
+                    wrong.append(f"{Path(c['image']).name} ({image.color} {image.shape}): {c['caption']}")
+            right = len(captions) - len(wrong)
             model._feature_cache.clear()
             timed(caption_folder, small, model=model, out=Path(tmp) / "warm.jsonl", batch_size=16, progress=False)
             for batch in (1, 16):
@@ -59,7 +64,7 @@ def main() -> None:
                 _, speed_seconds = timed(caption_folder, small, model=model, out=Path(tmp) / f"{name}-{batch}.jsonl", batch_size=batch, progress=False)
                 results.setdefault(name, {})[f"batch_{batch}_images_per_s"] = args.single_images / speed_seconds
             examples = [f"{c['image'].split('/')[-1]}: {c['caption']}" for c in captions[:3]]
-            results[name].update({"images": len(captions), "right": right, "accuracy": right / len(captions), "seconds": seconds, "examples": examples})
+            results[name].update({"images": len(captions), "right": right, "accuracy": right / len(captions), "seconds": seconds, "examples": examples, "wrong": wrong})
             r = results[name]
             rows.append(
                 f"| `{name}` | {r['right']}/{r['images']} = {r['accuracy']:.4f} | {r['batch_1_images_per_s']:.1f} | "
@@ -72,9 +77,11 @@ def main() -> None:
         "| model | captions naming the right colour and shape | images/s at batch 1 | images/s at batch 16 |",
         "|---|---|---|---|",
         *rows,
-        "",
-        "Examples: " + "; ".join(e for r in results.values() for e in r["examples"][:2]),
     ]
+    for name, r in results.items():
+        sections += ["", f"Examples from `{name}`: " + "; ".join(r["examples"][:2])]
+        sections += ["", f"Wrong captions from `{name}` (image (truth): caption), at most 20 shown:", ""]
+        sections += [f"- {w}" for w in r["wrong"][:20]] or ["- none"]
     write_report("caption", "Captioning benchmark", sections, {"results": results})
     print(json.dumps({k: {"accuracy": v["accuracy"]} for k, v in results.items()}))
 

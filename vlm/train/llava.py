@@ -71,9 +71,9 @@ def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume
             model = _new_model(recipe)
             metrics = _run_stage(model, recipe, recipe_json, 1, out / "stage1", resume=resume)
     if stage in ("all", "2"):
-        start = Path(init) if init else out / "stage1"
-        if not (start / hub.CONFIG_FILE).is_file():
-            raise VlmError(f"stage 2 starts from a stage-1 model; {start} has none (run --stage 1 first or pass --init DIR)")
+        start = hub.resolve_dir(init or out / "stage1")
+        if start is None or hub.model_kind(start) != "llava":
+            raise VlmError(f"stage 2 starts from a LLaVA model; {init or out / 'stage1'} is none (run --stage 1 first or pass --init DIR)")
         metrics = _run_stage(LlavaModel.load(start), recipe, recipe_json, 2, out, resume=resume)
     return metrics
 
