@@ -6,8 +6,9 @@
 Measures: accuracy on all 9,673 test questions and the time that takes (batched); the
 same questions with the images re-saved as JPEG/WebP/RGBA/palette PNG at 96-256 px;
 generation throughput at batch 16 vs batch 1; the KV cache's speed-up at a 256-token
-context; for Flamingo also two-image comparisons and few-shot prompts. Writes
-docs/benchmarks/vqa-MODEL.md and .json, and the test metrics into the model's card.
+context; for Flamingo also two-image comparisons (and recalling the first image after one)
+and few-shot prompts. Writes docs/benchmarks/vqa-MODEL.md and .json, and the test metrics
+into the model's card.
 """
 
 import argparse
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SIZES, VARIANTS, timed, write_report, write_variant  # noqa: E402
 
 from vlm.data import easyvqa  # noqa: E402
-from vlm.data.interleaved import pair_records  # noqa: E402
+from vlm.data.interleaved import FIRST_IMAGE_QUESTIONS, PAIR_QUESTIONS, pair_records  # noqa: E402
 from vlm.data.records import VqaRecord  # noqa: E402
 from vlm.data.sources import vqa_records  # noqa: E402
 from vlm.eval.vqa import evaluate_vqa, vqa_metrics  # noqa: E402
@@ -80,13 +81,25 @@ def kv_cache_speedup(model, context: int = 256, new_tokens: int = 32) -> dict:
     return result
 
 
-def pair_accuracy(model, count: int = 1000) -> dict:
-    records = pair_records(list(easyvqa.images("test")), count, seed=123)
-    conversations = [[("user", r["conversations"][0]["value"])] for r in records]
-    predictions = []
+def pair_accuracy(model, count: int = 1000) -> tuple[dict, dict]:
+    """Two-image comparisons; then, with the right answer in the conversation, "what color
+    (shape) is the first shape?", which text after the second image can only answer from
+    what the LM carried past it."""
+    images = list(easyvqa.images("test"))
+    by_path = {im.path: im for im in images}
+    records = pair_records(images, count, seed=123)
+    questions = [r["conversations"][0]["value"] for r in records]
+    answers = [r["conversations"][1]["value"] for r in records]
+    attributes = [next(a for a, q in PAIR_QUESTIONS.items() if question.endswith(q)) for question in questions]
+    comparisons = [[("user", q)] for q in questions]
+    recalls = [[("user", q), ("assistant", a), ("user", FIRST_IMAGE_QUESTIONS[t])] for q, a, t in zip(questions, answers, attributes)]
+    firsts = [getattr(by_path[r["images"][0]], t) for r, t in zip(records, attributes)]
+    predictions = {"comparison": [], "recall": []}
     for s in range(0, count, 64):
-        predictions += model.generate_texts(conversations[s : s + 64], [r["images"] for r in records[s : s + 64]], GenerationConfig(max_new_tokens=4))
-    return vqa_metrics(predictions, [r["conversations"][1]["value"] for r in records])
+        pair_images = [r["images"] for r in records[s : s + 64]]
+        for kind, conversations in (("comparison", comparisons), ("recall", recalls)):
+            predictions[kind] += model.generate_texts(conversations[s : s + 64], pair_images, GenerationConfig(max_new_tokens=4))
+    return vqa_metrics(predictions["comparison"], answers), vqa_metrics(predictions["recall"], firsts)
 
 
 def main() -> None:
@@ -108,7 +121,7 @@ def main() -> None:
     results["kv_cache"] = kv_cache_speedup(model)
     flamingo = type(model).__name__ == "FlamingoModel"
     if flamingo:
-        results["pairs"] = pair_accuracy(model)
+        results["pairs"], results["first_image_recall"] = pair_accuracy(model)
         pool = vqa_records("easyvqa:train")
         subset = records[:: max(1, len(records) // args.fewshot_questions)][: args.fewshot_questions]
         results["zero_shot_subset"] = evaluate_vqa(model, subset, progress=False)
@@ -141,12 +154,16 @@ def main() -> None:
         f"{kv['with_cache_s']:.3f} s with the cache, {kv['without_cache_s']:.3f} s recomputing ({kv['speedup']:.1f}x).",
     ]
     if flamingo:
+        recall = results["first_image_recall"]["per_answer_type"]
         sections += [
             "",
             "## Flamingo: several images, few-shot prompts",
             "",
             f"- Two-image comparisons from easyvqa:test pairs ('are both shapes the same color/shape?', 1,000 pairs, "
             f"half yes): accuracy {results['pairs']['accuracy']:.4f}.",
+            f"- Then, with the right answer in the conversation, 'what color is the first shape?' (or 'what is the first shape?'): "
+            f"colour {recall['color']:.4f}, shape {recall['shape']:.4f}. Text after the second image sees only the second image; "
+            "the first one's colour or shape reaches it only through the LM's self-attention.",
             f"- Few-shot: on {results['zero_shot_subset']['n']:,} test questions, zero-shot chat prompts {results['zero_shot_subset']['accuracy']:.4f}; "
             f"2-shot prompts with examples from easyvqa:train {results['two_shot_subset']['accuracy']:.4f}.",
         ]
