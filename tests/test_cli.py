@@ -29,6 +29,22 @@ def test_unknown_recipe_lists_the_named_ones(tmp_path, capsys):
     assert "clip-easyvqa" in capsys.readouterr().err
 
 
+def test_every_shipped_recipe_loads_into_its_recipe_class():
+    from vlm.train.clip import ClipRecipe
+    from vlm.train.flamingo import FlamingoRecipe
+    from vlm.train.llava import LlavaRecipe
+    from vlm.train.lm import LmRecipe
+    from vlm.train.recipes import load_recipe, recipe_names
+
+    classes = {"clip": ClipRecipe, "lm": LmRecipe, "llava": LlavaRecipe, "flamingo": FlamingoRecipe}
+    names = {kind: recipe_names(kind) for kind in classes}
+    assert "llava-easyvqa-anneal" in names["llava"] and "flamingo-easyvqa-pairs" in names["flamingo"]
+    for kind, cls in classes.items():
+        for name in names[kind]:
+            recipe, data = load_recipe(cls, name, kind)  # unknown keys (a typo) raise VlmError
+            assert isinstance(recipe, cls) and data
+
+
 def test_eval_prints_the_contract_json_last(tiny_clip, tmp_path, shapes_dataset, capsys):
     tiny_clip.save(tmp_path / "m")
     assert main(["eval", "clip", "--model", str(tmp_path / "m"), "--data", str(shapes_dataset)]) == 0
