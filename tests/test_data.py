@@ -212,3 +212,24 @@ def test_recall_questions_follow_yes_no_questions_and_name_the_asked_colour_or_s
     assert len(colors_only[0]["conversations"]) == 2
     none = add_recall_questions([{"conversations": [turn("human", "is there a red shape?"), turn("gpt", "no")]}], 0.0)
     assert len(none[0]["conversations"]) == 2
+
+
+def test_conversation_images_are_augmented_before_the_transform_and_bad_ones_still_skipped(tmp_path):
+    from PIL import ImageOps
+    import torch
+
+    from tests.conftest import draw_shape
+    from vlm.data.image_text import Skipped
+    from vlm.data.sequences import ConversationDataset
+    from vlm.images import ImageTransform
+
+    draw_shape("red", "circle", offset=12).save(tmp_path / "a.png")  # off-centre: its mirror differs
+    draw_shape("blue", "rectangle").save(tmp_path / "b.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    transform = ImageTransform(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    sequences = [([1, 2], [-100, 2], [str(tmp_path / "a.png"), str(tmp_path / "b.png")]), ([1], [-100], [str(tmp_path / "bad.png")])]
+    plain = ConversationDataset(sequences, transform=transform)
+    mirrored = ConversationDataset(sequences, transform=transform, augment=ImageOps.mirror)
+    for before, after in zip(plain[0]["pixels"], mirrored[0]["pixels"]):
+        torch.testing.assert_close(after, before.flip(-1))
+    assert isinstance(mirrored[1], Skipped)

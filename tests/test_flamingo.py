@@ -212,7 +212,8 @@ def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_
     recipe = {
         "vision": str(tmp_path / "clip"), "lm": str(tmp_path / "lm"), "data": str(tmp_path / "c.json"), "max_length": 64,
         "resampler": {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 4, "max_frames": 1}, "xattn_heads": 2, "xattn_head_dim": 32,
-        "val_fraction": 0.1, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0},
+        "val_fraction": 0.1, "augment": {"formats": 0.5, "hflip": 0.5, "zoom_out": 0.5},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     metrics = train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "run")

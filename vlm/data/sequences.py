@@ -2,7 +2,7 @@
 the images of LLaVA-format conversations)."""
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from vlm.conversation import IGNORE_INDEX, encode_fewshot, from_llava
 from vlm.data.image_text import Skipped, split_skipped
 from vlm.errors import ImageError, VlmError
-from vlm.images import ImageTransform
+from vlm.images import ImageTransform, load_image
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -62,10 +62,10 @@ class TokenDataset(Dataset):
 class ConversationDataset(Dataset):
     """Tokenised sequences with their image paths -> {"ids", "labels", "pixels":
     [(3, S, S)]} or Skipped. Tokenising happens up front (`encode_records`), so workers
-    only decode images."""
+    only decode images (and augment each one when `augment`, PIL -> PIL, is given)."""
 
-    def __init__(self, sequences: Sequence[tuple[list[int], list[int], list[str]]], *, transform: ImageTransform):
-        self.sequences, self.transform = sequences, transform
+    def __init__(self, sequences: Sequence[tuple[list[int], list[int], list[str]]], *, transform: ImageTransform, augment: Callable | None = None):
+        self.sequences, self.transform, self.augment = sequences, transform, augment
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -76,7 +76,10 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int):
         ids, labels, images = self.sequences[index]
         try:
-            pixels = [self.transform(image) for image in images]
+            pictures = [load_image(image) for image in images]
+            if self.augment is not None:
+                pictures = [self.augment(picture) for picture in pictures]
+            pixels = [self.transform(picture) for picture in pictures]
         except ImageError as e:
             return Skipped(index, str(e))
         return {"ids": ids, "labels": labels, "pixels": pixels}

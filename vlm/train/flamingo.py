@@ -18,6 +18,7 @@ import torch
 from vlm import hub
 from vlm.clip import load_clip
 from vlm.data import easyvqa
+from vlm.data.augment import Augment, AugmentConfig
 from vlm.data.interleaved import fewshot_records, pair_records
 from vlm.data.sequences import record_images
 from vlm.data.sources import builtin_split, conversation_records
@@ -52,6 +53,7 @@ class FlamingoRecipe:
     fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
     pair_questions: int = 8000  # two-image comparisons (built-in data only)
     val_fraction: float = 0.02  # images held out for validation
+    augment: AugmentConfig | None = None  # training-image augmentation (vlm/data/augment.py); None = none
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -96,7 +98,8 @@ def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False, i
     val = [r for r in records if any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     card = {"kind": "flamingo", "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
-    return train_stage(model, records=train, val_records=val, config=recipe.train, run_dir=Path(out), resume=resume, card=card)
+    augment = Augment(recipe.augment) if recipe.augment else None
+    return train_stage(model, records=train, val_records=val, config=recipe.train, run_dir=Path(out), resume=resume, card=card, augment=augment)
 
 
 def _new_model(recipe: FlamingoRecipe) -> FlamingoModel:

@@ -7,6 +7,7 @@ answers whose every token is the model's top prediction.
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,9 +39,12 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     return right, total
 
 
-def train_stage(model, *, records: list[dict], val_records: list[dict], config: TrainConfig, run_dir: Path, resume: bool, card: dict) -> dict:
+def train_stage(
+    model, *, records: list[dict], val_records: list[dict], config: TrainConfig, run_dir: Path, resume: bool, card: dict, augment: Callable | None = None
+) -> dict:
     """Train `model`'s trainable parameters on LLaVA-format records (plus Flamingo's few-shot
-    and multi-image ones); save the model to run_dir. Returns validation metrics."""
+    and multi-image ones); save the model to run_dir. Returns validation metrics. `augment`
+    (PIL -> PIL) applies to training images only."""
     torch.manual_seed(config.seed)
     sequences = encode_records(records, model, model.max_length)
     val_sequences = encode_records(val_records, model, model.max_length)
@@ -69,7 +73,7 @@ def train_stage(model, *, records: list[dict], val_records: list[dict], config: 
         groups=param_groups(model, config.weight_decay),
         config=config,
         run_dir=run_dir,
-        dataset=ConversationDataset(sequences, transform=model.transform),
+        dataset=ConversationDataset(sequences, transform=model.transform, augment=augment),
         collate=collate,
         objective=LanguageModelLoss(model, images=True),
         evaluate=evaluate if val_sequences else None,
