@@ -6,7 +6,9 @@ Without --index the Search tab uses an index of the easy-VQA test images, built 
 and cached. Models load on first use and stay loaded. The server binds to 127.0.0.1
 unless told otherwise, refuses uploads over `max_file_size`, runs at most
 `concurrency` requests at a time, and shows errors as messages, never tracebacks.
-Search results are sent as pictures, never as file paths the browser could ask for.
+Search results are sent as pictures, never as file paths the browser could ask for, and
+only files the index holds inside its folder are opened. Chat text is only ever text: the
+files a message uses are the ones uploaded with it.
 """
 
 import functools
@@ -18,8 +20,9 @@ from pathlib import Path
 import gradio as gr
 
 from retrieval import Searcher, build_index
-from retrieval.store import MANIFEST
+from retrieval.store import MANIFEST, read_manifest
 from vlm.data import easyvqa
+from vlm.data.webdataset import image_source
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.errors import ImageError, VlmError
 from vlm.hub import WEIGHTS_DIR, model_kind, shipped_names
@@ -117,9 +120,7 @@ def history_to_turns(history: list[dict]) -> tuple[list[tuple[str, str]], list[s
         for part in parts:
             if isinstance(part, dict) and part.get("type") == "text":
                 text.append(part.get("text", ""))
-            elif isinstance(part, str) and role == "assistant":
-                text.append(part)
-            elif isinstance(part, str) and not os.path.isfile(part):
+            elif isinstance(part, str):  # never a path: a typed path must not open a server file
                 text.append(part)
             elif _file_path(part):
                 files.append(_file_path(part))
@@ -134,14 +135,37 @@ def history_to_turns(history: list[dict]) -> tuple[list[tuple[str, str]], list[s
     return turns, images
 
 
+def served_pictures(engine: Searcher, hits) -> list[tuple]:
+    """(picture, "score  relative path") per hit the index holds inside its folder and that
+    still reads; the others are left out and logged."""
+    pictures = []
+    for hit in hits:
+        path = engine.resolve(hit.path)
+        if path is None:
+            log.warning("not serving %s: it resolves outside the indexed folder", hit.path)
+            continue
+        try:
+            picture = load_image(image_source(str(path)))
+        except (ImageError, VlmError) as e:
+            log.warning("search hit skipped: %s", e)
+            continue
+        pictures.append((picture, f"{hit.score:.3f}  {os.path.relpath(hit.path, engine.root)}"))
+    return pictures
+
+
 def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Blocks:
+    """The app's page. Raises VlmError when `index` is not an index."""
+    if index is not None:
+        read_manifest(index)  # a mistyped --index fails now, not at the first search
     models = Models()
     searcher_cache: list[Searcher] = []
+    searcher_lock = threading.Lock()
 
     def searcher() -> Searcher:
-        if not searcher_cache:
-            searcher_cache.append(Searcher.open(index or default_index()))
-        return searcher_cache[0]
+        with searcher_lock:  # two first searches must not both build the default index
+            if not searcher_cache:
+                searcher_cache.append(Searcher.open(index or default_index()))
+            return searcher_cache[0]
 
     @readable_errors
     def search(query: str, image, k: float):
@@ -153,11 +177,12 @@ def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Bl
             hits = engine.search_image(image, k=int(k), text=query or None)
         else:
             hits = engine.search_text(query, k=int(k))
-        return [(load_image(hit.path), f"{hit.score:.3f}  {os.path.relpath(hit.path, engine.root)}") for hit in hits]
+        return served_pictures(engine, hits)
 
     @readable_errors
     def chat(message: dict, history: list[dict], model_name: str):
-        turns, images = history_to_turns(history + [{"role": "user", "content": [*message.get("files", []), message.get("text", "")]}])
+        uploads = [{"type": "file", "file": {"path": _file_path(f)}} for f in message.get("files", [])]
+        turns, images = history_to_turns(history + [{"role": "user", "content": [*uploads, {"type": "text", "text": message.get("text", "")}]}])
         if not turns or turns[-1][0] != "user":
             raise gr.Error("Ask a question (you can attach images).")
         pictures = [load_image(path) for path in images]
@@ -223,5 +248,8 @@ def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Bl
 def launch(*, index: str | None = None, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Start the app; with block=False return once it serves (tests, scripts)."""
     app = build_app(index=index)
-    app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block, show_error=False, quiet=not block)
+    try:
+        app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block, show_error=False, quiet=not block)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise VlmError(f"cannot serve on {host}:{port} ({e}); choose another --port") from None
     return app

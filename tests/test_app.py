@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from gradio_client import Client, handle_file
 
+from retrieval import Searcher, build_index
+from tests.conftest import draw_shape
 from vlm.data import easyvqa
 from vlm.hub import shipped_names
 
@@ -75,6 +77,35 @@ def test_caption_request_names_colour_and_shape(client):
     [[name, caption]] = table["data"]
     assert name == os.path.basename(image.path)
     assert image.color in caption and image.shape in caption
+
+
+def test_typed_text_is_never_opened_as_a_file(tmp_path):
+    from apps.gradio_app import history_to_turns
+
+    secret = tmp_path / "secret.png"
+    draw_shape("red", "circle").save(secret)
+    turns, images = history_to_turns([{"role": "user", "content": [str(secret)]}])
+    assert images == [] and turns == [("user", str(secret))]
+    upload = {"type": "file", "file": {"path": str(secret)}}
+    turns, images = history_to_turns([{"role": "user", "content": [upload, {"type": "text", "text": "what color?"}]}])
+    assert images == [str(secret)] and turns == [("user", "<image>\nwhat color?")]
+
+
+def test_search_serves_only_files_inside_the_indexed_folder(tmp_path, tiny_clip_dir):
+    from apps.gradio_app import served_pictures
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    draw_shape("red", "circle").save(folder / "red.png")
+    draw_shape("blue", "rectangle").save(folder / "blue.png")
+    draw_shape("green", "triangle").save(tmp_path / "private.png")
+    (folder / "link.png").symlink_to(tmp_path / "private.png")
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
+    searcher = Searcher.open(tmp_path / "idx")
+    hits = searcher.search_text("a red circle", k=10)
+    assert len(hits) == 3
+    served = served_pictures(searcher, hits)
+    assert sorted(label.split()[-1] for _, label in served) == ["blue.png", "red.png"]
 
 
 def _chromium() -> str | None:

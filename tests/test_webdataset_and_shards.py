@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from apps.caption import caption_folder
+from apps.gradio_app import served_pictures
 from retrieval import Searcher, build_index, shards
 from retrieval import index as index_module
 from vlm.data import sources, webdataset
@@ -63,6 +64,8 @@ def test_captioning_webdataset_shards_resumes(tiny_llava, tar_shards, tmp_path):
     assert report.captioned == 5 and len(report.failed) == 1 and "00002.tar#00000005.jpg" in report.failed[0]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["image"] == "shards/00000.tar#00000000.png"
+    as_data = sources.caption_records(str(out))  # the output is a caption dataset again
+    assert np.array_equal(np.asarray(load_image(as_data[0].image)), np.asarray(load_image(_png("red", "circle", 0))))
     again = caption_folder(tar_shards, model=tiny_llava, out=out, max_new_tokens=4, progress=False)
     assert again.captioned == 0 and again.already_done == 5
     with pytest.raises(VlmError, match="webdataset"):
@@ -118,6 +121,7 @@ def test_webdataset_embeddings_make_a_searchable_but_not_updatable_index(tar_sha
     assert report.count == 5 and len(report.failed) == 1
     hits = Searcher.open(tmp_path / "idx").search_text("a red circle", k=5)
     assert all(".tar#" in hit.path for hit in hits)
+    assert len(served_pictures(Searcher.open(tmp_path / "idx"), hits)) == 5
     with pytest.raises(VlmError, match="webdataset shards"):
         index_module.update_index(tmp_path / "idx", progress=False)
 

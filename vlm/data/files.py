@@ -1,20 +1,25 @@
 """Caption and VQA datasets from JSONL or CSV files, image paths relative to the file.
 
 Captions: {"image": "rel/path.jpg", "caption": "..."} per JSONL line, or a CSV with
-`image` and `caption` columns. VQA: the same with `question` and `answer`.
+`image` and `caption` columns. VQA: the same with `question` and `answer`. An image may
+be a webdataset shard member, `shards/00000.tar#00000.jpg` (what `vlmstack caption` writes
+for shards).
 """
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 from vlm.data.records import CaptionRecord, VqaRecord
+from vlm.data.webdataset import image_source
 from vlm.errors import VlmError
 
 
 def read_rows(path: str | Path, columns: tuple[str, ...]) -> Iterator[dict]:
-    """Rows of a .jsonl or .csv file holding at least `columns`; image paths made absolute.
+    """Rows of a .jsonl or .csv file holding at least `columns`; image paths made absolute
+    (lexically: symlinks stay as written).
 
     Raises:
         VlmError: missing file, unknown extension, bad JSON, or a row missing a column
@@ -35,7 +40,8 @@ def read_rows(path: str | Path, columns: tuple[str, ...]) -> Iterator[dict]:
             missing = [c for c in columns if not isinstance(row.get(c), str)]
             if missing:
                 raise VlmError(f"{path}:{line_no}: missing {', '.join(missing)}")
-            row["image"] = str((path.parent / row["image"]).resolve())
+            if isinstance(row.get("image"), str):
+                row["image"] = os.path.normpath(path.parent.absolute() / row["image"])
             yield row
 
 
@@ -50,7 +56,7 @@ def _json_line(path: Path, line_no: int, line: str) -> dict:
 
 
 def read_captions(path: str | Path) -> list[CaptionRecord]:
-    return [CaptionRecord(r["image"], r["caption"]) for r in read_rows(path, ("image", "caption"))]
+    return [CaptionRecord(image_source(r["image"]), r["caption"]) for r in read_rows(path, ("image", "caption"))]
 
 
 def read_vqa(path: str | Path) -> list[VqaRecord]:

@@ -7,9 +7,11 @@ range (`data/{00000..00099}.tar`).
 
 Images are not extracted: a `TarMember` remembers where its bytes sit in the shard and
 reads just those (`load_image` accepts it like a path). Its reference string,
-`path/to/00000.tar#00000.jpg`, names it in outputs.
+`path/to/00000.tar#00000.jpg`, names it in outputs; `image_source` turns such a string
+back into the member, so those outputs (caption files, indexes) can be read again.
 """
 
+import functools
 import io
 import re
 import tarfile
@@ -38,6 +40,33 @@ class TarMember:
 
     def __str__(self) -> str:
         return f"{self.shard}#{self.name}"
+
+
+def image_source(path: str) -> "str | TarMember":
+    """`path` itself, or the shard member it names when it reads `shard.tar#member`.
+
+    Raises:
+        VlmError: the shard has no such member.
+    """
+    shard, separator, name = path.partition(".tar#")
+    if not separator or Path(path).exists():
+        return path
+    shard += ".tar"
+    try:
+        offset, size = _member_offsets(shard, Path(shard).stat().st_mtime)[name]
+    except (OSError, KeyError):
+        raise VlmError(f"{path}: no such member in a readable tar shard") from None
+    return TarMember(shard, name, offset, size)
+
+
+@functools.lru_cache(maxsize=16)
+def _member_offsets(shard: str, mtime: float) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of a shard's files; `mtime` keys the cache to the file's version."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    except tarfile.TarError:
+        return {}
 
 
 def is_webdataset(spec: str | Path) -> bool:
