@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlm.atomic import write_text
 from vlm.data import webdataset
+from vlm.data.files import read_rows
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.folders import list_images
 from vlm.data.webdataset import TarMember
@@ -47,6 +48,10 @@ class _RowFile:
     """A JSONL/CSV output opened for appending whole, flushed rows."""
 
     def __init__(self, path: Path, fmt: str, *, overwrite: bool):
+        if path.suffix.lower() != f".{fmt}":
+            raise VlmError(f"{path}: --format {fmt} writes a .{fmt} file")
+        if path.is_dir():
+            raise VlmError(f"{path}: is a folder; --out names the {fmt} file to write")
         self.path, self.fmt = path, fmt
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -56,12 +61,8 @@ class _RowFile:
         self.file = self.path.open("a", encoding="utf-8", newline="")
 
     def done(self) -> set[str]:
-        """Absolute paths of the images the file already has."""
-        if self.new:
-            return set()
-        with self.path.open(encoding="utf-8", newline="") as f:
-            rows = csv.DictReader(f) if self.fmt == "csv" else (json.loads(line) for line in f if line.strip())
-            return {str((self.path.parent / row["image"]).resolve()) for row in rows}
+        """The keys (`_key`) of the images the file already has."""
+        return set() if self.new else {row["image"] for row in read_rows(self.path, ("image",))}
 
     def write(self, image, caption: str) -> None:
         if isinstance(image, TarMember):
@@ -108,8 +109,18 @@ def _inputs(source: Path, *, recursive: bool) -> list:
 
 
 def _key(image) -> str:
-    """An image's identity in the output: its absolute path (shard path#member for tar members)."""
-    return f"{Path(image.shard).resolve()}#{image.name}" if isinstance(image, TarMember) else str(image)
+    """An image's identity in the output: its absolute path as listed, symlinks not followed
+    (shard path#member for tar members), which is what `read_rows` makes of a written row."""
+    return os.path.abspath(str(image))
+
+
+def _refuse_shared_txt(images: list[Path]) -> None:
+    """--format txt names a caption after its image's stem: a.png and a.jpg would share a.txt."""
+    seen: dict[Path, Path] = {}
+    for image in images:
+        other = seen.setdefault(image.with_suffix(".txt"), image)
+        if other != image:
+            raise VlmError(f"{other} and {image} would both write {image.with_suffix('.txt')}; use --format jsonl or csv")
 
 
 def _local_captions(model, images: list, *, prompt: str, batch_size: int, max_new_tokens: int):
@@ -163,6 +174,8 @@ def caption_folder(
     images = _inputs(source, recursive=recursive)
     if fmt == "txt" and isinstance(images[0], TarMember):
         raise VlmError("--format txt writes beside each image, which webdataset shards cannot hold; use jsonl or csv")
+    if fmt == "txt":
+        _refuse_shared_txt(images)
     if engine == "ray" and not isinstance(model, str):
         raise VlmError("the ray engine needs the model's name or directory, which each actor loads")
     rows = _RowFile(Path(out), fmt, overwrite=overwrite) if fmt != "txt" else None

@@ -102,3 +102,30 @@ def test_killed_run_resumed_captions_every_image_exactly_once(tiny_llava_dir, tm
     subprocess.run(command, check=True, capture_output=True, env=env, timeout=300)
     images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
     assert sorted(images) == sorted(f"many/{i:03d}.png" for i in range(40))
+
+
+def test_output_mistakes_are_refused_before_any_work(tiny_llava, messy_folder, tmp_path):
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(VlmError, match="is a folder"):
+        caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "dir.jsonl", progress=False)
+    with pytest.raises(VlmError, match="--format csv writes a .csv file"):
+        caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "x.jsonl", fmt="csv", progress=False)
+    (tmp_path / "other.csv").write_text("file,text\na.png,hello\n")
+    with pytest.raises(VlmError, match="other.csv:2: missing image"):
+        caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "other.csv", fmt="csv", progress=False)
+    draw_shape("red", "circle").save(messy_folder / "good0.jpg")
+    with pytest.raises(VlmError, match="would both write"):
+        caption_folder(messy_folder, model=tiny_llava, out=None, fmt="txt", progress=False)
+    assert not list(messy_folder.glob("*.txt"))
+
+
+def test_symlinked_images_are_captioned_once_across_runs(tiny_llava, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    draw_shape("red", "circle").save(tmp_path / "elsewhere.png")
+    (folder / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    out = tmp_path / "captions.jsonl"
+    assert caption_folder(folder, model=tiny_llava, out=out, max_new_tokens=4, progress=False).captioned == 1
+    again = caption_folder(folder, model=tiny_llava, out=out, max_new_tokens=4, progress=False)
+    assert (again.captioned, again.already_done) == (0, 1)
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["pictures/link.png"]
