@@ -18,10 +18,12 @@ import numpy as np
 
 from retrieval import spec as index_spec
 from retrieval import store
-from retrieval.scan import FileInfo, scan_folder, sha256_file
+from retrieval.scan import FileInfo, scan_folder
 from vlm.clip import Clip, load_clip
+from vlm.data import webdataset
 from vlm.embedding import embed_images
 from vlm.errors import VlmError
+from vlm.hashing import sha256_file
 from vlm.images import IMAGE_EXTENSIONS
 from vlm.progress import progress_bar
 
@@ -69,12 +71,16 @@ def build_index(
     on the cluster at `ray_address`, default a local Ray).
 
     Raises:
-        VlmError: `folder` has no readable images, or `out` already holds an index.
+        VlmError: `folder` has no readable images or holds webdataset shards, `out`
+            already holds an index, or `spec` is not a FAISS index.
     """
     folder, out = Path(folder).resolve(), Path(out)
     if (out / store.MANIFEST).exists():
         raise VlmError(f"{out} already holds an index; use `vlmstack index update {out}` or another --out")
+    if webdataset.is_webdataset(folder):
+        raise VlmError(f"{folder}: webdataset shards are indexed in two steps: `vlmstack embed {folder} --out EMB`, then `vlmstack index build EMB`")
     clip = load_clip(model)
+    index_spec.check_spec(spec, clip.embed_dim)  # before the long part, not after it
     manifest = store.Manifest(
         root=str(folder), model=model, model_fingerprint=clip.fingerprint, dim=clip.embed_dim, index_spec=spec
     )

@@ -27,12 +27,13 @@ import numpy as np
 from retrieval import spec as index_spec
 from retrieval import store
 from retrieval.index import DEFAULT_MODEL, IndexReport
-from retrieval.scan import scan_folder, sha256_file
+from retrieval.scan import scan_folder
 from vlm.atomic import atomic_path, write_json, write_text
 from vlm.clip import load_clip
 from vlm.data import webdataset
 from vlm.embedding import embed_images
 from vlm.errors import VlmError
+from vlm.hashing import sha256_file
 from vlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = 
         raise VlmError(f"{folder}: {len(missing)} of {shards} shards unfinished; run `vlmstack embed` again to finish them")
     if (out / store.MANIFEST).exists():
         raise VlmError(f"{out} already holds an index; choose another --out")
+    index_spec.check_spec(spec, emb.dim)
 
     # First pass, metadata only: which rows are distinct contents.
     hashes, files, content_id, picks, report = [], [], {}, [], IndexReport()

@@ -15,6 +15,8 @@ import math
 import faiss
 import numpy as np
 
+from vlm.errors import VlmError
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX = 50_000  # exact search over 50k x 512 floats takes ~2 ms per query on 2 cores
@@ -40,13 +42,32 @@ def _pq_size(dim: int) -> int:
     return m
 
 
+def check_spec(spec: str, dim: int) -> None:
+    """Raises VlmError unless `spec` is "auto" or an index_factory string FAISS can build."""
+    if spec != "auto":
+        _factory(spec, dim)
+
+
+def _factory(spec: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise VlmError(f"--index-spec {spec!r}: not a FAISS index_factory string for {dim}-d vectors (e.g. Flat, IVF1024,Flat, HNSW32; or auto)") from None
+
+
 def build_faiss(vectors: np.ndarray, spec: str, *, seed: int = 0) -> faiss.Index:
-    """Train (if needed) and fill an inner-product index with `vectors` (N, D) float32."""
+    """Train (if needed) and fill an inner-product index with `vectors` (N, D) float32.
+
+    Raises:
+        VlmError: `spec` is not buildable, or an IVF index has more lists than vectors.
+    """
     count, dim = vectors.shape
-    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    index = _factory(spec, dim)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         nlist = faiss.extract_index_ivf(index).nlist if "IVF" in spec else 256
+        if "IVF" in spec and count < nlist:
+            raise VlmError(f"--index-spec {spec}: {nlist} lists need at least {nlist} distinct images to train, there are {count}; use auto")
         sample = vectors[rng.choice(count, size=min(count, nlist * 40), replace=False)] if count else vectors
         log.info("training %s on %d vectors", spec, len(sample))
         index.train(np.ascontiguousarray(sample))

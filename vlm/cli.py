@@ -1,6 +1,6 @@
 """The `vlmstack` command. Thin: parse arguments, call the library, print results.
 
-User errors (bad names, missing files, unreadable data) print one line and exit 2;
+User errors (bad names, missing or unwritable files, unreadable data) print one line and exit 2;
 `--debug` shows the traceback instead.
 """
 
@@ -18,6 +18,10 @@ EXIT_USAGE = 2
 def _train(args) -> None:
     from vlm.train import distributed
 
+    if args.init and args.kind in ("clip", "lm"):
+        raise VlmError(f"--init continues llava and flamingo models; train {args.kind} trains from its recipe")
+    if args.stage != "all" and args.kind != "llava":
+        raise VlmError("--stage applies to train llava only")
     distributed.init_from_env()  # under torchrun: join the process group
     if args.kind == "clip":
         from vlm.train.clip import train_clip
@@ -45,12 +49,15 @@ def _eval(args) -> None:
         from vlm.data.sources import caption_records
         from vlm.eval.clip import evaluate_clip
 
-        metrics = evaluate_clip(load_clip(args.model), caption_records(args.data), batch_size=args.batch_size)
+        records = caption_records(args.data)[: args.limit]
+        metrics = evaluate_clip(load_clip(args.model), records, batch_size=args.batch_size)
     else:
         from vlm.data.sources import vqa_records
         from vlm.eval.vqa import evaluate_vqa
         from vlm.load import load_vlm
 
+        if args.shots and args.shot_data.startswith("easyvqa:test"):
+            raise VlmError("--shot-data must not be the test split: few-shot examples come from training data")
         records = vqa_records(args.data)[: args.limit]
         shots = vqa_records(args.shot_data) if args.shots else None
         metrics = evaluate_vqa(load_vlm(args.model), records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
@@ -63,10 +70,12 @@ def _index(args) -> None:
     from retrieval import shards
 
     if args.action == "build" and shards.is_embeddings(args.folder):
+        if args.model or args.engine != "local":
+            raise VlmError(f"{args.folder} is already embedded (with its own model): drop --model and --engine")
         report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec)
     elif args.action == "build":
         report = build_index(
-            args.folder, args.out, model=args.model, spec=args.index_spec, batch_size=args.batch_size,
+            args.folder, args.out, model=args.model or "clip-easyvqa", spec=args.index_spec, batch_size=args.batch_size,
             workers=args.workers, engine=args.engine, ray_address=args.ray_address,
         )
     else:
@@ -103,13 +112,14 @@ def _embed(args) -> None:
 
 def _caption(args) -> None:
     from apps.caption import caption_folder
+    from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 
     report = caption_folder(
         args.folder,
         model=args.model,
         out=args.out,
         fmt=args.format,
-        prompt=args.prompt,
+        prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         recursive=args.recursive,
@@ -171,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = actions.add_parser("build", help="index every image under a folder")
     build.add_argument("folder", help="folder of images (searched recursively), or an embeddings folder from `vlmstack embed`")
     build.add_argument("--out", required=True, help="index directory to create")
-    build.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
+    build.add_argument("--model", default=None, help="CLIP model (default: clip-easyvqa; an embeddings folder keeps its own)")
     build.add_argument("--index-spec", default="auto", help="FAISS index_factory string, or auto (by size)")
     update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
     update.add_argument("index", help="index directory")
@@ -206,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory")
     caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
     caption.add_argument("--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl")
-    caption.add_argument("--prompt", default="Describe the image.", help="instruction given with each image")
+    caption.add_argument("--prompt", default=None, help="instruction given with each image (default: the caption instruction the models learnt)")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.add_argument("--max-new-tokens", type=int, default=32)
     caption.add_argument("--recursive", action="store_true", help="include images in subfolders")
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         args.run(args)
-    except (VlmError, FileNotFoundError, ValueError) as e:
+    except (VlmError, OSError, ValueError) as e:  # OSError: a missing, unwritable or busy file
         if args.debug:
             raise
         print(f"vlmstack: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 
 from vlm.data.records import CaptionRecord
 from vlm.embedding import embed_images
+from vlm.errors import VlmError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def evaluate_clip(clip, records: Sequence[CaptionRecord], *, batch_size: int = 2
     """Embed the dataset's images and distinct captions and score retrieval.
 
     Unreadable images are skipped and logged; "n" counts the images scored.
+
+    Raises:
+        VlmError: no image could be read.
     """
     captions_of: dict[str, set[str]] = defaultdict(set)
     for record in records:
@@ -66,4 +70,6 @@ def evaluate_clip(clip, records: Sequence[CaptionRecord], *, batch_size: int = 2
     text_vectors = clip.encode_texts(texts)
     if embedded.failures:
         log.warning("%d of %d images could not be read and were not scored", len(embedded.failures), len(paths))
+    if not embedded.indices:
+        raise VlmError(f"none of the {len(paths)} images could be read; nothing to score")
     return retrieval_metrics(embedded.vectors, [captions_of[paths[i]] for i in embedded.indices], text_vectors, texts)
