@@ -1,6 +1,5 @@
 """What a folder holds: its image files with size, modification time and content hash."""
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +23,3 @@ def scan_folder(root: Path, *, recursive: bool = True) -> list[FileInfo]:
     return files
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

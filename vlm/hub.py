@@ -5,7 +5,6 @@ model directory is a Hugging Face one), `model.safetensors`, optional tokenizer 
 `model_card.json` (recipe, command, time, machine, metrics). Weights are never pickled.
 """
 
-import hashlib
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from vlm.atomic import atomic_path, write_bytes, write_json
 from vlm.errors import VlmError
+from vlm.hashing import sha256_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONFIG_FILE = "config.json"
@@ -96,11 +96,7 @@ def save_config(directory: Path, config: dict) -> None:
 
 def file_fingerprint(path: Path) -> str:
     """sha256 of a file's bytes, first 16 hex digits: names a set of weights."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def machine_info() -> dict:

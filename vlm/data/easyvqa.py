@@ -52,13 +52,6 @@ def caption_for(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
-def answer_type(answer: str) -> str:
-    """easy-VQA's three answer types: "yes/no", "color" or "shape"."""
-    if answer in ("yes", "no"):
-        return "yes/no"
-    return "color" if answer in COLORS else "shape"
-
-
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown easy-VQA split {split!r}; expected one of {SPLITS}")

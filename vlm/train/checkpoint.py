@@ -6,7 +6,6 @@ bytes do not match the record — half-written, truncated, replaced — raises i
 loading.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,17 +13,10 @@ import torch
 
 from vlm.atomic import atomic_path, write_json
 from vlm.errors import VlmError
+from vlm.hashing import sha256_file
 
 STATE_FILE = "checkpoint.pt"
 RECORD_FILE = "checkpoint.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -32,7 +24,7 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
     run_dir = Path(run_dir)
     with atomic_path(run_dir / STATE_FILE) as tmp:
         torch.save(state, tmp)
-    write_json(run_dir / RECORD_FILE, {"step": state["step"], "sha256": _sha256(run_dir / STATE_FILE)})
+    write_json(run_dir / RECORD_FILE, {"step": state["step"], "sha256": sha256_file(run_dir / STATE_FILE)})
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -50,6 +42,6 @@ def load_checkpoint(run_dir: Path) -> dict:
     if not record_path.is_file() or not state_path.is_file():
         raise VlmError(f"{run_dir}: incomplete checkpoint ({STATE_FILE} and {RECORD_FILE} must both exist)")
     record = json.loads(record_path.read_text())
-    if _sha256(state_path) != record.get("sha256"):
+    if sha256_file(state_path) != record.get("sha256"):
         raise VlmError(f"{state_path}: checksum does not match {RECORD_FILE}; the checkpoint is damaged, refusing to load it")
     return torch.load(state_path, map_location="cpu", weights_only=True)
