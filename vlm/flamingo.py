@@ -12,20 +12,19 @@ A saved model is one directory: config.json, model.safetensors, tokenizer files.
 """
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from vlm import hub
 from vlm.chat import ChatMixin
 from vlm.clip import ClipConfig
 from vlm.conversation import Encoded
-from vlm.errors import VlmError
-from vlm.generation import Prompt
-from vlm.lm import IMAGE_TOKEN, add_media_tokens, decoder_layers, lm_from_config
+from vlm.generation import Prompt, left_pad
+from vlm.lm import IMAGE_TOKEN, add_media_tokens, check_max_length, decoder_layers, lm_from_config
 from vlm.resampler import PerceiverResampler
 from vlm.vision import VisionTower
 from vlm.xattn import GatedCrossAttentionBlock, MediaState, media_index, wrap_layers
@@ -132,10 +131,7 @@ class FlamingoModel(ChatMixin, nn.Module):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        input_ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
         flat = [image for group in images for image in group]
         latents = self.batch_latents(self.image_features(flat) if flat else [], [len(group) for group in images])
         with torch.inference_mode():
@@ -148,25 +144,16 @@ class FlamingoModel(ChatMixin, nn.Module):
         return out.logits, out.cache
 
     def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        hub.save_config(directory, asdict(self.config))
-        self.tokenizer.save_pretrained(directory)
-        hub.save_module(directory, self, dtype=dtype)
+        hub.save_model(directory, self, dtype=dtype)
 
     @classmethod
     def load(cls, directory: Path) -> "FlamingoModel":
-        data = hub.read_config(directory)
-        data.pop("kind", None)
-        model = cls(config=FlamingoConfig(**data), tokenizer=AutoTokenizer.from_pretrained(str(directory)))
-        hub.load_module(directory, model)
-        return model.eval()
+        return hub.load_model(cls, FlamingoConfig, directory)
 
 
 def build_flamingo(*, vision: VisionTower, lm: nn.Module, tokenizer, **options) -> FlamingoModel:
     """A new Flamingo model around a pretrained vision tower and LM; resampler and
     cross-attention blocks are random, gates are 0 (the LM is unchanged)."""
     config = FlamingoConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), **options)
-    if config.max_length > getattr(lm.config, "max_position_embeddings", config.max_length):
-        raise VlmError(f"max_length {config.max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
+    check_max_length(lm, config.max_length)
     return FlamingoModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

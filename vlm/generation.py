@@ -34,6 +34,14 @@ class Prompt:
     context: Any = None  # model-specific state (e.g. Flamingo's visual latents)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (B, T) ids padded on the left with `pad_id`, and (B, T) mask (1 = real)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return input_ids, mask
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) position of each token counting only real ones (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import sys
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -92,6 +94,35 @@ def load_module(directory: Path, module: torch.nn.Module) -> None:
 
 def save_config(directory: Path, config: dict) -> None:
     write_json(Path(directory) / CONFIG_FILE, config)
+
+
+def save_pretrained(obj, directory: Path, **options) -> None:
+    """`obj.save_pretrained` (a transformers model or tokenizer) into `directory`, each file
+    moved in by one rename: a crash never leaves a half-written file there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+        obj.save_pretrained(tmp, **options)
+        for path in Path(tmp).iterdir():
+            os.replace(path, directory / path.name)
+
+
+def save_model(directory: Path, model: torch.nn.Module, *, dtype=None) -> None:
+    """A visual LM (`config` dataclass, `tokenizer`, weights) as a model directory."""
+    save_config(directory, asdict(model.config))
+    save_pretrained(model.tokenizer, directory)
+    save_module(directory, model, dtype=dtype)
+
+
+def load_model(cls, config_class, directory: Path):
+    """The model `save_model` wrote, in eval mode."""
+    from transformers import AutoTokenizer
+
+    data = read_config(directory)
+    data.pop("kind", None)
+    model = cls(config=config_class(**data), tokenizer=AutoTokenizer.from_pretrained(str(directory)))
+    load_module(directory, model)
+    return model.eval()
 
 
 def file_fingerprint(path: Path) -> str:

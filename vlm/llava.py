@@ -10,20 +10,19 @@ patch features (after checking the counts match). A saved model is one directory
 config.json, model.safetensors (vision tower, projector and LM) and tokenizer files.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from vlm import hub
 from vlm.chat import ChatMixin
 from vlm.clip import ClipConfig
 from vlm.conversation import IGNORE_INDEX, Encoded
-from vlm.errors import VlmError
-from vlm.generation import Prompt
-from vlm.lm import IMAGE_TOKEN, add_media_tokens, lm_from_config
+from vlm.generation import Prompt, left_pad
+from vlm.lm import IMAGE_TOKEN, add_media_tokens, check_max_length, lm_from_config
 from vlm.projector import build_projector
 from vlm.vision import VisionTower
 
@@ -102,10 +101,7 @@ class LlavaModel(ChatMixin, nn.Module):
 
     def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
         """Left-padded prompt embeddings from expanded token ids and each row's images."""
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        input_ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
         flat = [image for group in images for image in group]
         features = torch.stack(self.image_features(flat)) if flat else None
         with torch.inference_mode():
@@ -117,25 +113,15 @@ class LlavaModel(ChatMixin, nn.Module):
         return out.logits, out.cache
 
     def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        hub.save_config(directory, asdict(self.config))
-        self.tokenizer.save_pretrained(directory)
-        hub.save_module(directory, self, dtype=dtype)
+        hub.save_model(directory, self, dtype=dtype)
 
     @classmethod
     def load(cls, directory: Path) -> "LlavaModel":
-        data = hub.read_config(directory)
-        data.pop("kind", None)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        model = cls(config=LlavaConfig(**data), tokenizer=tokenizer)
-        hub.load_module(directory, model)
-        return model.eval()
+        return hub.load_model(cls, LlavaConfig, directory)
 
 
 def build_llava(*, vision: VisionTower, lm: nn.Module, tokenizer, projector: str = "mlp2x_gelu", max_length: int = 512) -> LlavaModel:
     """A new LLaVA model from a pretrained vision tower and LM (the projector is random)."""
-    if max_length > getattr(lm.config, "max_position_embeddings", max_length):
-        raise VlmError(f"max_length {max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
+    check_max_length(lm, max_length)
     config = LlavaConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), projector=projector, max_length=max_length)
     return LlavaModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

@@ -102,6 +102,12 @@ def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     return model.eval(), tokenizer
 
 
+def check_max_length(lm: nn.Module, max_length: int) -> None:
+    """Raises VlmError when sequences of `max_length` tokens exceed the LM's positions."""
+    if max_length > getattr(lm.config, "max_position_embeddings", max_length):
+        raise VlmError(f"max_length {max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
+
+
 def add_media_tokens(model: nn.Module, tokenizer) -> list[int]:
     """Make sure the tokenizer knows <image> and <|endofchunk|> (adding rows to the
     model's embeddings if needed); returns their ids."""

@@ -121,8 +121,8 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     metrics = trainer.fit(resume=resume)
     if not distributed.is_main():
         return metrics
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    hub.save_pretrained(model, out)  # safetensors: transformers' only format since v5
+    hub.save_pretrained(tokenizer, out)
     hub.update_card(
         out,
         kind="lm",
