@@ -20,8 +20,8 @@ from pathlib import Path
 
 from vlm.atomic import write_text
 from vlm.data import webdataset
-from vlm.data.files import read_rows
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
+from vlm.data.files import read_rows
 from vlm.data.folders import list_images
 from vlm.data.webdataset import TarMember
 from vlm.errors import ImageError, VlmError

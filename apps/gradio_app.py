@@ -22,8 +22,8 @@ import gradio as gr
 from retrieval import Searcher, build_index
 from retrieval.store import MANIFEST, read_manifest
 from vlm.data import easyvqa
-from vlm.data.webdataset import image_source
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
+from vlm.data.webdataset import image_source
 from vlm.errors import ImageError, VlmError
 from vlm.hub import WEIGHTS_DIR, model_kind, shipped_names
 from vlm.images import load_image
