@@ -22,7 +22,7 @@ from vlm.atomic import write_text
 from vlm.data import webdataset
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.files import read_rows
-from vlm.data.folders import list_images
+from vlm.data.folders import find_images
 from vlm.data.webdataset import TarMember
 from vlm.errors import ImageError, VlmError
 from vlm.images import load_image
@@ -102,7 +102,7 @@ def _inputs(source: Path, *, recursive: bool) -> list:
         return webdataset.image_members(source)
     if not source.is_dir():
         raise VlmError(f"{source}: not a folder of images or webdataset shards")
-    images = list_images(source, recursive=recursive)
+    images = find_images(source, recursive=recursive).images
     if not images:
         raise VlmError(f"{source}: no images found{'' if recursive else ' (add --recursive to look in subfolders)'}")
     return images

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm.data.folders import list_images
+from vlm.data.folders import find_images
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ def scan_folder(root: Path, *, recursive: bool = True) -> list[FileInfo]:
     """Every image file under `root`, sorted by path."""
     root = Path(root)
     files = []
-    for path in list_images(root, recursive=recursive):
+    for path in find_images(root, recursive=recursive).images:
         stat = path.stat()
         files.append(FileInfo(path.relative_to(root).as_posix(), stat.st_mtime, stat.st_size))
     return files

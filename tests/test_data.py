@@ -5,7 +5,7 @@ import pytest
 
 from vlm.data import easyvqa
 from vlm.data.files import read_captions, read_vqa
-from vlm.data.folders import list_images
+from vlm.data.folders import find_images
 from vlm.data.sources import caption_records, vqa_records
 from vlm.errors import VlmError
 
@@ -55,8 +55,8 @@ def test_folder_listing_is_recursive_sorted_and_skips_hidden(tmp_path):
     for name in ["b.png", "a.JPG", "sub/c.webp", ".hidden/d.png", "notes.txt", "sub/.e.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
-    assert len(list_images(tmp_path, recursive=False)) == 2
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path).images] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert len(find_images(tmp_path, recursive=False).images) == 2
 
 
 def test_easyvqa_sizes():

@@ -13,6 +13,35 @@ import sys
 from vlm.errors import VlmError
 
 EXIT_USAGE = 2
+MAX_NEW_TOKENS = 4096  # a generous bound; the model's own context is checked when it loads
+
+
+def whole(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high], refused in one line otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a number {bounds}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def score(text: str) -> float:
+    """An argparse type: a cosine similarity, -1 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: scores are cosine similarities from -1 to 1")
+    return value
 
 
 def _train(args) -> None:
@@ -170,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("kind", choices=["clip", "vqa"], help="clip: retrieval metrics; vqa: answer accuracy")
     evaluate.add_argument("--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH")
     evaluate.add_argument("--data", required=True, help="easyvqa:train, easyvqa:test, or a .jsonl/.csv file")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    evaluate.add_argument("--shots", type=int, default=0, help="vqa: K solved examples before each question (few-shot)")
+    evaluate.add_argument("--batch-size", type=whole(1), default=64)
+    evaluate.add_argument("--limit", type=whole(1), default=None, help="score only the first N examples")
+    evaluate.add_argument("--shots", type=whole(0, 16), default=0, help="vqa: K solved examples before each question (few-shot)")
     evaluate.add_argument("--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)")
     evaluate.set_defaults(run=_eval)
 
@@ -186,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
     update.add_argument("index", help="index directory")
     for sub in (build, update):
-        sub.add_argument("--batch-size", type=int, default=256)
-        sub.add_argument("--workers", type=int, default=2, help="image decoding processes (Ray actors with --engine ray)")
+        sub.add_argument("--batch-size", type=whole(1), default=256)
+        sub.add_argument("--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)")
     _engine_arguments(build)
     index.set_defaults(run=_index)
 
@@ -195,18 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("source", help="folder of images, or webdataset shards (a .tar, a folder of them, or {00000..00099}.tar)")
     embed.add_argument("--out", required=True, help="embeddings folder: NNNNN.npy + NNNNN.jsonl per shard")
     embed.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
-    embed.add_argument("--shard-size", type=int, default=10_000, help="images per shard; a crash loses at most one")
-    embed.add_argument("--batch-size", type=int, default=256)
-    embed.add_argument("--workers", type=int, default=2, help="image decoding processes (Ray actors with --engine ray)")
+    embed.add_argument("--shard-size", type=whole(1), default=10_000, help="images per shard; a crash loses at most one")
+    embed.add_argument("--batch-size", type=whole(1), default=256)
+    embed.add_argument("--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)")
     _engine_arguments(embed)
     embed.set_defaults(run=_embed)
 
     search = commands.add_parser("search", help="search an index by text and/or example image")
     search.add_argument("index", help="index directory")
     search.add_argument("query", nargs="?", default=None, help='text; "a + b - c" and "2:a" weight terms')
-    search.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("-k", type=whole(1, 10_000), default=10, help="results to return (default 10)")
     search.add_argument("--image", help="find images similar to this one")
-    search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine similarity")
+    search.add_argument("--min-score", type=score, default=None, help="drop results below this cosine similarity")
     search.add_argument("--model", default=None, help="must match the index's model (default: the index's)")
     search.add_argument("--json", action="store_true", help='one {"rank", "score", "path"} object per line')
     search.set_defaults(run=_search)
@@ -217,18 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
     caption.add_argument("--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl")
     caption.add_argument("--prompt", default=None, help="instruction given with each image (default: the caption instruction the models learnt)")
-    caption.add_argument("--batch-size", type=int, default=16)
-    caption.add_argument("--max-new-tokens", type=int, default=32)
+    caption.add_argument("--batch-size", type=whole(1), default=16)
+    caption.add_argument("--max-new-tokens", type=whole(1, MAX_NEW_TOKENS), default=32)
     caption.add_argument("--recursive", action="store_true", help="include images in subfolders")
     caption.add_argument("--overwrite", action="store_true", help="start over instead of skipping images already captioned")
-    caption.add_argument("--workers", type=int, default=2, help="Ray actors (with --engine ray)")
+    caption.add_argument("--workers", type=whole(1), default=2, help="Ray actors (with --engine ray)")
     _engine_arguments(caption)
     caption.set_defaults(run=_caption)
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
     app.add_argument("--index", default=None, help="index to search (default: the easy-VQA test images, built once)")
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--port", type=whole(1, 65535), default=7860)
     app.set_defaults(run=_app)
 
     export = commands.add_parser("export", help="developers: ship a trained model inside the package (fp16)")
