@@ -1,4 +1,5 @@
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from vlm.data import easyvqa
 from vlm.data.interleaved import pair_records
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel
-from vlm.generation import GenerationConfig, generate
+from vlm.generation import GenerationConfig, generate, positions
 from vlm.resampler import PerceiverResampler
 from vlm.train.flamingo import freeze_for_flamingo
 from vlm.xattn import MaskedCrossAttention, media_index
@@ -133,6 +134,27 @@ def test_kv_cache_and_batching_do_not_change_tokens(tiny_flamingo):
     assert torch.equal(together, run([0, 1, 2], False))
     for i in range(3):
         assert torch.equal(together[i], run([i], True)[0])
+
+
+def test_concurrent_calls_on_one_model_each_see_their_own_images(tiny_flamingo):
+    """The app and the server call one model from many threads: per-call media must not leak."""
+    _open_gates(tiny_flamingo)
+    cases = [([RED], "<image>\ncolor?"), ([BLUE, GREEN], "<image>\nthen <image>\nare they the same color?"),
+             ([GREEN], "<image>\nwhat shape is it and which colour is it?"), ([BLUE], "<image>\nshape?")]
+
+    def prefill_logits(case):
+        images, text = case
+        with torch.inference_mode():
+            prompt = tiny_flamingo.prepare([tiny_flamingo.encode([("user", text)], generation_prompt=True)[0]], [images])
+            mask = prompt.attention_mask
+            return tiny_flamingo.step(prompt.embeds, mask, positions(mask), None, prompt, 0)[0]
+
+    alone = [prefill_logits(case) for case in cases]
+    assert not torch.allclose(alone[0][:, -1], alone[3][:, -1], atol=1e-3)  # the images matter
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda i: prefill_logits(cases[i % len(cases)]), range(96)))
+    for i, logits in enumerate(together):
+        assert torch.allclose(logits, alone[i % len(cases)], atol=1e-5), f"call {i} saw another call's images"
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny_flamingo, tmp_path):

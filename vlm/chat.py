@@ -19,6 +19,7 @@ expanded), `prepare(ids, images) -> Prompt`, `encode_images(pixels) -> features`
 
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
@@ -34,23 +35,27 @@ FEATURE_CACHE_SIZE = 256  # images whose features are kept between calls
 
 
 class ChatMixin:
+    _feature_lock = threading.Lock()  # the cache is shared by concurrent calls (the app's users)
+
     def image_features(self, images: Sequence[ImageSource]) -> list[torch.Tensor]:
         """Per image, the model's visual features; each distinct image is encoded once and
-        kept (by pixel content) for later turns and questions."""
-        if not hasattr(self, "_feature_cache"):
-            self._feature_cache = OrderedDict()
+        kept (by pixel content) for later turns and questions. Safe to call from several
+        threads at once."""
         pixels = [self.transform(image) for image in images]
         keys = [hashlib.sha1(p.numpy().tobytes()).hexdigest() for p in pixels]
-        found = {key: self._feature_cache[key] for key in keys if key in self._feature_cache}
+        with self._feature_lock:
+            cache = self.__dict__.setdefault("_feature_cache", OrderedDict())
+            found = {key: cache[key] for key in keys if key in cache}
         unique = {key: i for i, key in enumerate(keys) if key not in found}
         if unique:
             with torch.inference_mode():
                 found.update(zip(unique, self.encode_images(torch.stack([pixels[i] for i in unique.values()]))))
-        for key in keys:  # most recently used last; the oldest go once the cache is full
-            self._feature_cache[key] = found[key]
-            self._feature_cache.move_to_end(key)
-        while len(self._feature_cache) > FEATURE_CACHE_SIZE:
-            self._feature_cache.popitem(last=False)
+        with self._feature_lock:
+            for key in keys:  # most recently used last; the oldest go once the cache is full
+                cache[key] = found[key]
+                cache.move_to_end(key)
+            while len(cache) > FEATURE_CACHE_SIZE:
+                cache.popitem(last=False)
         return [found[key] for key in keys]
 
     def fit_to_context(self, turns: list[tuple[str, str]], images: list, max_new_tokens: int) -> tuple[list, list]:

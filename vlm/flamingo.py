@@ -11,7 +11,6 @@ Image latents are computed once per image and reused across decode steps and tur
 A saved model is one directory: config.json, model.safetensors, tokenizer files.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from vlm.generation import Prompt, left_pad
 from vlm.lm import IMAGE_TOKEN, add_media_tokens, check_max_length, decoder_layers, lm_from_config
 from vlm.resampler import PerceiverResampler
 from vlm.vision import VisionTower
-from vlm.xattn import GatedCrossAttentionBlock, MediaState, media_index, wrap_layers
+from vlm.xattn import GatedCrossAttentionBlock, MediaState, attending_to, media_index, wrap_layers
 
 
 @dataclass
@@ -96,17 +95,10 @@ class FlamingoModel(ChatMixin, nn.Module):
     def expand(self, encoded: Encoded) -> tuple[list[int], list[int]]:
         return encoded.ids, encoded.labels  # an image is its one <image> token
 
-    @contextlib.contextmanager
     def media(self, latents: torch.Tensor, index: torch.Tensor):
-        """Make the wrapped layers cross-attend to `latents` (B, M, R, D) during an LM call."""
-        state = MediaState(latents, index)
-        for layer in self._wrapped:
-            layer.media = state
-        try:
-            yield
-        finally:
-            for layer in self._wrapped:
-                layer.media = None
+        """A context in which LM calls cross-attend to `latents` (B, M, R, D) with media
+        index (B, T). Per thread: concurrent calls on one model never see each other's images."""
+        return attending_to(MediaState(latents, index))
 
     def batch_latents(self, per_image: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
         """Images' (R, D) latents in reading order -> (B, M, R, D), zero-padded per row (at

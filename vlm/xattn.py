@@ -9,6 +9,8 @@ Media-aware masking: `media_index[b, t]` is the 1-based number of the most recen
 image's latents; tokens with index 0 get exactly zero attention output.
 """
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -64,25 +66,42 @@ class MediaState:
     media_index: torch.Tensor  # (B, T) for the tokens of this call
 
 
+# The media of the LM call running in this thread (or asyncio task). A context variable,
+# not an attribute of the shared layers: two users' calls on one model at the same time
+# each see their own images.
+_current_media: ContextVar[MediaState | None] = ContextVar("flamingo_media", default=None)
+
+
+@contextlib.contextmanager
+def attending_to(state: MediaState):
+    """Wrapped layers cross-attend to `state` for LM calls made inside this block (in
+    this thread or task only)."""
+    token = _current_media.set(state)
+    try:
+        yield
+    finally:
+        _current_media.reset(token)
+
+
 class FlamingoLayer(nn.Module):
     """A decoder layer with a gated cross-attention block in front (None: plain layer).
 
-    `media` is set by the model before an LM call and cleared after; without it the
-    layer is the bare decoder layer.
+    The block reads the media set by `attending_to` around the LM call; outside such a
+    block the layer is the bare decoder layer.
     """
 
     def __init__(self, *, decoder_layer: nn.Module, xattn: GatedCrossAttentionBlock | None):
         super().__init__()
         self.decoder_layer = decoder_layer
         self.xattn = xattn
-        self.media: MediaState | None = None
 
     def forward(self, *args, **kwargs):
-        if self.xattn is not None and self.media is not None:
+        media = _current_media.get()
+        if self.xattn is not None and media is not None:
             if "hidden_states" in kwargs:
-                kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], self.media.latents, self.media.media_index)
+                kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], media.latents, media.media_index)
             else:
-                args = (self.xattn(args[0], self.media.latents, self.media.media_index), *args[1:])
+                args = (self.xattn(args[0], media.latents, media.media_index), *args[1:])
         return self.decoder_layer(*args, **kwargs)
 
     def __getattr__(self, name: str):
