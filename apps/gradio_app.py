@@ -1,31 +1,42 @@
 """The vlmstack web app: search, visual chat and captioning in one Gradio Blocks page.
 
-    vlmstack app [--index INDEX] [--host 127.0.0.1] [--port 7860]
+    vlmstack app [--index INDEX] [--model DIR ...] [--host 127.0.0.1] [--port 7860] [--allow-remote]
 
 Without --index the Search tab uses an index of the easy-VQA test images, built once
-and cached. Models load on first use and stay loaded. The server binds to 127.0.0.1
-unless told otherwise, refuses uploads over `max_file_size`, runs at most
-`concurrency` requests at a time, and shows errors as messages, never tracebacks.
+and cached. The chat and caption tabs offer the shipped VQA models and those given with
+--model, nothing else; at most `MODELS_LOADED` stay loaded (least recently used go).
+The server binds to 127.0.0.1 unless told otherwise (another address needs
+--allow-remote, and the page then says it is reachable), refuses uploads over
+`MAX_FILE_SIZE`, deletes uploads an hour after they arrive, runs at most `concurrency`
+requests at a time, and shows errors as one line without server paths.
 Search results are sent as pictures, never as file paths the browser could ask for, and
-only files the index holds inside its folder are opened. Chat text is only ever text: the
-files a message uses are the ones uploaded with it.
+only files the index holds inside its folder are opened. Chat text is only ever text:
+the only files a request reads are ones uploaded to the app (apps/web_safety.py).
+
+The `/chat` API (gradio_client: `predict(message, model, history=[...], api_name="/chat")`)
+is stateless: each call answers `message` after the `history` it is given (default none),
+whatever the client's session holds.
 """
 
-import functools
 import logging
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from retrieval import Searcher, build_index
 from retrieval.store import MANIFEST, read_manifest
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.webdataset import image_source
+from apps.web_safety import (
+    LOOPBACK_HOSTS, SameOriginOnly, UploadedImage, check_bind, header_pixels, is_loopback, load_uploads, readable_errors, uploaded_file,
+)
 from vlm.errors import ImageError, VlmError
-from vlm.hub import WEIGHTS_DIR, model_kind, shipped_names
+from vlm.hub import WEIGHTS_DIR, model_kind, resolve_dir, shipped_names
 from vlm.images import load_image
 from vlm.lm import IMAGE_TOKEN
 from vlm.load import VQA_KINDS, load_vlm
@@ -33,6 +44,11 @@ from vlm.load import VQA_KINDS, load_vlm
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = "10mb"
 MAX_CAPTION_FILES = 64
+MAX_IMAGES_PER_MESSAGE = 4
+MAX_IMAGES_PER_REQUEST = 16  # a conversation's images, all turns
+MAX_REQUEST_PIXELS = 32_000_000  # decoded pixels per request: 8000x8000 alone would be 64M
+MODELS_LOADED = 2
+UPLOAD_MAX_AGE = 3600  # seconds an upload is kept
 
 
 def default_index() -> Path:
@@ -48,50 +64,43 @@ def vqa_model_names() -> list[str]:
     return [n for n in shipped_names() if model_kind(WEIGHTS_DIR / n) in VQA_KINDS]
 
 
-class Models:
-    """Loaded VQA models by name, loaded once each (thread-safe)."""
+def check_vqa_models(specs: list[str]) -> list[str]:
+    """The shipped VQA names and the `specs` given on the command line (each checked to
+    be a VQA model directory). Raises VlmError naming a spec that is not."""
+    names = vqa_model_names()
+    for spec in specs:
+        directory = resolve_dir(spec)
+        if directory is None or model_kind(directory) not in VQA_KINDS:
+            raise VlmError(f"--model {spec}: not a LLaVA or Flamingo model directory")
+        if spec not in names:
+            names.append(spec)
+    return names
 
-    def __init__(self):
-        self._models: dict[str, object] = {}
+
+class Models:
+    """Loaded VQA models by name, from a fixed list of allowed names; at most `capacity`
+    stay loaded (the least recently used is dropped). Thread-safe."""
+
+    def __init__(self, allowed: list[str], *, capacity: int = MODELS_LOADED):
+        self.allowed, self.capacity = list(allowed), capacity
+        self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, name: str):
+        """Raises VlmError for a name that is not allowed (without looking at the disk)."""
+        if name not in self.allowed:
+            raise VlmError(f"unknown model {str(name)[:80]!r}; choose one of: {', '.join(self.allowed)}")
         with self._lock:
             if name not in self._models:
                 self._models[name] = load_vlm(name)
+            self._models.move_to_end(name)
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
             return self._models[name]
 
-
-def readable_errors(fn):
-    """Show user errors as their message and anything else as a short note, never a traceback."""
-
-    def convert(e: Exception) -> gr.Error:
-        if isinstance(e, (VlmError, ValueError)):
-            return gr.Error(str(e))
-        log.exception("request failed")
-        return gr.Error(f"Something went wrong ({type(e).__name__}). The server log has the details.")
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as e:
-            raise convert(e) from None
-
-    @functools.wraps(fn)
-    def generator_wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as e:
-            raise convert(e) from None
-
-    import inspect
-
-    return generator_wrapper if inspect.isgeneratorfunction(fn) else wrapper
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
 
 
 def _file_path(item) -> str | None:
@@ -153,11 +162,20 @@ def served_pictures(engine: Searcher, hits) -> list[tuple]:
     return pictures
 
 
-def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Blocks:
-    """The app's page. Raises VlmError when `index` is not an index."""
+def build_app(
+    *, index: str | Path | None = None, models: list[str] = (), concurrency: int = 2, remote_host: str | None = None,
+    upload_max_age: int = UPLOAD_MAX_AGE,
+) -> gr.Blocks:
+    """The app's page. `models`: VQA model directories offered beside the shipped ones;
+    `remote_host`: the non-loopback address served, which the page warns about.
+
+    Raises:
+        VlmError: `index` is not an index, or a `models` entry is not a VQA model.
+    """
     if index is not None:
         read_manifest(index)  # a mistyped --index fails now, not at the first search
-    models = Models()
+    names = check_vqa_models(list(models))
+    loaded = Models(names)
     searcher_cache: list[Searcher] = []
     searcher_lock = threading.Lock()
 
@@ -168,28 +186,39 @@ def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Bl
             return searcher_cache[0]
 
     @readable_errors
-    def search(query: str, image, k: float):
+    def search(query: str, image: str | None, k: float):
         query = (query or "").strip()
         if not query and image is None:
             raise gr.Error("Type a query, add an image, or both.")
         engine = searcher()
         if image is not None:
-            hits = engine.search_image(image, k=int(k), text=query or None)
+            [picture] = load_uploads([image], max_images=1, max_pixels=MAX_REQUEST_PIXELS)
+            hits = engine.search_image(picture, k=int(k), text=query or None)
         else:
             hits = engine.search_text(query, k=int(k))
         return served_pictures(engine, hits)
 
     @readable_errors
-    def chat(message: dict, history: list[dict], model_name: str):
-        uploads = [{"type": "file", "file": {"path": _file_path(f)}} for f in message.get("files", [])]
-        turns, images = history_to_turns(history + [{"role": "user", "content": [*uploads, {"type": "text", "text": message.get("text", "")}]}])
+    def chat(message: dict, history: list[dict] | None, model_name: str):
+        """Streams the reply to `message` after `history` (Gradio's message dicts)."""
+        message = message or {}
+        files = [_file_path(f) for f in message.get("files") or []]
+        if len(files) > MAX_IMAGES_PER_MESSAGE:
+            raise gr.Error(f"{len(files)} images in one message: at most {MAX_IMAGES_PER_MESSAGE}")
+        uploads = [{"type": "file", "file": {"path": path}} for path in files]
+        question = {"role": "user", "content": [*uploads, {"type": "text", "text": message.get("text") or ""}]}
+        turns, images = history_to_turns(list(history or []) + [question])
         if not turns or turns[-1][0] != "user":
             raise gr.Error("Ask a question (you can attach images).")
-        pictures = [load_image(path) for path in images]
+        model = loaded.get(model_name)  # an unknown name fails before any file is read
+        pictures = load_uploads(images, max_images=MAX_IMAGES_PER_REQUEST, max_pixels=MAX_REQUEST_PIXELS)
         reply = ""
-        for piece in models.get(model_name).chat(turns, pictures, stream=True, max_new_tokens=64):
+        for piece in model.chat(turns, pictures, stream=True, max_new_tokens=64):
             reply += piece
             yield reply
+
+    def chat_api(message: dict, model_name: str, history: list | None):
+        yield from chat(message, history, model_name)
 
     @readable_errors
     def caption(files: list, model_name: str, prompt: str):
@@ -197,59 +226,95 @@ def build_app(*, index: str | Path | None = None, concurrency: int = 2) -> gr.Bl
             raise gr.Error("Upload one or more images.")
         if len(files) > MAX_CAPTION_FILES:
             raise gr.Error(f"At most {MAX_CAPTION_FILES} images at a time; use `vlmstack caption` for folders.")
+        model = loaded.get(model_name)
         rows, pictures, slots = [], [], []
+        budget = MAX_REQUEST_PIXELS
         for item in files:
-            path = _file_path(item)
+            name = Path(str(_file_path(item))).name
             try:
-                pictures.append(load_image(path))
+                file = uploaded_file(_file_path(item) or "")
+                budget -= header_pixels(file)
+                if budget < 0:
+                    rows.append([name, f"(skipped: over {MAX_REQUEST_PIXELS / 1e6:.0f} megapixels in one request)"])
+                    continue
+                pictures.append(load_image(file))
                 slots.append(len(rows))
-                rows.append([Path(path).name, ""])
-            except ImageError as e:
-                rows.append([Path(path).name, f"(unreadable: {str(e).split(': ', 1)[-1]})"])
-        captions = models.get(model_name).answer_batch(pictures, [prompt or DEFAULT_CAPTION_PROMPT] * len(pictures), max_new_tokens=32)
-        for slot, text in zip(slots, captions):
-            rows[slot][1] = text
+                rows.append([name, ""])
+            except (ImageError, gr.Error) as e:
+                reason = e.message if isinstance(e, gr.Error) else str(e)
+                rows.append([name, f"(unreadable: {reason.split(': ', 1)[-1]})"])
+        if pictures:
+            captions = model.answer_batch(pictures, [prompt or DEFAULT_CAPTION_PROMPT] * len(pictures), max_new_tokens=32)
+            for slot, text in zip(slots, captions):
+                rows[slot][1] = text
         return rows
 
-    names = vqa_model_names()
-    with gr.Blocks(title="vlmstack") as app:
+    limits = (f"Up to {MAX_IMAGES_PER_MESSAGE} images per message and {MAX_REQUEST_PIXELS // 1_000_000} megapixels per request; "
+              f"uploads over {MAX_FILE_SIZE} are refused and uploads are deleted after {upload_max_age // 60} minutes.")
+    with gr.Blocks(title="vlmstack", delete_cache=(max(1, upload_max_age // 4), upload_max_age)) as app:
         gr.Markdown("# vlmstack\nSearch images by text or example, ask questions about pictures, caption them.")
+        if remote_host:
+            gr.Markdown(f"**Warning: this app is served on {remote_host}: anyone who can reach that address can use it, "
+                        "read its search results and run its models.**")
         with gr.Tab("Search"):
             with gr.Row():
                 query = gr.Textbox(label="Query", placeholder='a red circle   ·   "red circle - triangle"   ·   "2:red + circle"', scale=4)
                 k = gr.Slider(1, 50, value=12, step=1, label="Results", scale=1)
-            query_image = gr.Image(label="Find images like this one (optional)", type="pil", height=160)
+            query_image = UploadedImage(label="Find images like this one (optional)", type="filepath", image_mode=None, height=160)
             search_button = gr.Button("Search", variant="primary")
             gallery = gr.Gallery(label="Results (score, path)", columns=6, height="auto")
             search_button.click(search, [query, query_image, k], gallery, api_name="search")
             query.submit(search, [query, query_image, k], gallery, api_name=False)
         with gr.Tab("Chat"):
-            model = gr.Dropdown(names, value=names[0] if names else None, label="Model", allow_custom_value=True)
+            model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
             gr.ChatInterface(
                 chat,
                 multimodal=True,
                 textbox=gr.MultimodalTextbox(file_types=["image"], file_count="multiple", placeholder="Attach images and ask about them"),
                 additional_inputs=[model],
-                api_name="chat",
+                api_name="chat_session",
+                api_visibility="private",  # its API keeps history per session; /chat below does not
                 fill_height=False,
             )
+            gr.Markdown(limits)
+            api_message = gr.MultimodalTextbox(visible=False)
+            api_history = gr.JSON(value=[], visible=False)
+            api_reply = gr.Textbox(visible=False)
+            gr.Button(visible=False).click(chat_api, [api_message, model, api_history], api_reply, api_name="chat")
         with gr.Tab("Caption"):
             with gr.Row():
-                caption_model = gr.Dropdown(names, value=names[0] if names else None, label="Model", allow_custom_value=True)
+                caption_model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
                 caption_prompt = gr.Textbox(DEFAULT_CAPTION_PROMPT, label="Instruction")
             files = gr.File(file_count="multiple", file_types=["image"], label="Images")
             caption_button = gr.Button("Caption", variant="primary")
             table = gr.Dataframe(headers=["file", "caption"], label="Captions", wrap=True)
             caption_button.click(caption, [files, caption_model, caption_prompt], table, api_name="caption")
     app.queue(default_concurrency_limit=concurrency, max_size=128)
+    app.models = loaded  # for tests and benchmarks: which models are loaded
     return app
 
 
-def launch(*, index: str | None = None, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
-    """Start the app; with block=False return once it serves (tests, scripts)."""
-    app = build_app(index=index)
+def launch(
+    *, index: str | None = None, models: list[str] = (), host: str = "127.0.0.1", port: int = 7860,
+    allow_remote: bool = False, block: bool = True, upload_max_age: int = UPLOAD_MAX_AGE,
+) -> gr.Blocks:
+    """Start the app; with block=False return once it serves (tests, scripts).
+
+    Raises:
+        VlmError: a non-loopback `host` without `allow_remote`, an address that cannot be
+            served, a bad index or model.
+    """
+    remote = not is_loopback(host)
+    if remote and not allow_remote:
+        raise VlmError(f"--host {host} would let other machines use the app; add --allow-remote if that is what you want")
+    check_bind(host, port)
+    app = build_app(index=index, models=models, remote_host=host if remote else None, upload_max_age=upload_max_age)
+    guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:
-        app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block, show_error=False, quiet=not block)
-    except OSError as e:  # the port is taken, or the host is not this machine's
-        raise VlmError(f"cannot serve on {host}:{port} ({e}); choose another --port") from None
+        app.launch(
+            server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block,
+            show_error=False, quiet=not block, app_kwargs={"middleware": [guard]},
+        )
+    except OSError as e:  # lost a race for the port since check_bind
+        raise VlmError(f"cannot serve on {host}:{port} ({e})") from None
     return app

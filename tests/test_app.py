@@ -5,14 +5,19 @@ import os
 import shutil
 import socket
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 
 from retrieval import Searcher, build_index
 from tests.conftest import draw_shape
 from vlm.data import easyvqa
-from vlm.hub import shipped_names
+from vlm.errors import VlmError
+from vlm.hub import WEIGHTS_DIR, shipped_names
 
 pytestmark = pytest.mark.skipif(
     not {"clip-easyvqa", "llava-easyvqa", "flamingo-easyvqa"} <= set(shipped_names()), reason="shipped models missing"
@@ -106,6 +111,135 @@ def test_search_serves_only_files_inside_the_indexed_folder(tmp_path, tiny_clip_
     assert len(hits) == 3
     served = served_pictures(searcher, hits)
     assert sorted(label.split()[-1] for _, label in served) == ["blue.png", "red.png"]
+
+
+def _call(app, api_name: str, data: list, *, headers: dict | None = None, timeout: float = 60) -> tuple[str, str]:
+    """A raw Gradio API call over HTTP, as any program could make it: (event, data) of the
+    result ("complete" or "error")."""
+    base = app.local_url.rstrip("/")
+    posted = httpx.post(f"{base}/gradio_api/call/{api_name}", json={"data": data}, headers=headers or {}, timeout=timeout)
+    posted.raise_for_status()
+    result = httpx.get(f"{base}/gradio_api/call/{api_name}/{posted.json()['event_id']}", timeout=timeout).text
+    events = [line.removeprefix("event: ") for line in result.splitlines() if line.startswith("event: ")]
+    payloads = [line.removeprefix("data: ") for line in result.splitlines() if line.startswith("data: ")]
+    return events[-1], payloads[-1]
+
+
+def test_search_api_refuses_a_server_file_named_in_the_payload(app, tmp_path):
+    secret = tmp_path / "secret.png"
+    draw_shape("red", "circle").save(secret)
+    event, data = _call(app, "search", ["", {"path": str(secret)}, 3])
+    assert event == "error" and "not a file uploaded" in data and str(tmp_path) not in data
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    event, data = _call(app, "search", ["", {"path": str(fifo)}, 3], timeout=20)  # would block a worker if opened
+    assert event == "error"
+
+
+def test_chat_refuses_unknown_models_without_loading_or_probing_them(app, client):
+    image = easyvqa.images("test")[0].path
+    weights = os.path.join(os.path.dirname(image), "..")
+    before = app.models.loaded()
+    for name in [str(WEIGHTS_DIR / "llava-easyvqa") + "//", "/etc", weights]:
+        with pytest.raises(Exception, match="unknown model|not in the list of choices") as error:
+            client.predict({"text": "what color is the shape?", "files": [handle_file(image)]}, name, api_name="/chat")
+        assert "config" not in str(error.value)
+    assert app.models.loaded() == before
+
+
+def test_chat_history_in_the_api_is_only_what_the_call_passes(client):
+    """One client session, several calls: each answer equals a fresh session's."""
+    fresh = Client(client.src, verbose=False)
+    for picture in easyvqa.images("test")[10:16]:
+        message = {"text": "what color is the shape?", "files": [handle_file(picture.path)]}
+        assert client.predict(message, "llava-easyvqa", api_name="/chat") == picture.color
+    first, second = easyvqa.images("test")[20:22]
+    history = [{"role": "user", "content": [{"type": "file", "file": handle_file(first.path)}, {"type": "text", "text": "what shape is it?"}]},
+               {"role": "assistant", "content": first.shape}]
+    follow_up = client.predict({"text": "what color is the shape?", "files": []}, "llava-easyvqa", history, api_name="/chat")
+    assert follow_up == first.color == fresh.predict({"text": "what color is the shape?", "files": [handle_file(first.path)]}, "llava-easyvqa", api_name="/chat")
+
+
+def test_chat_errors_name_the_upload_not_the_server_path(client, tmp_path):
+    text = tmp_path / "text.png"
+    text.write_text("not a picture")
+    with pytest.raises(Exception) as error:
+        client.predict({"text": "what color?", "files": [handle_file(str(text))]}, "llava-easyvqa", api_name="/chat")
+    assert "text.png" in str(error.value) and "/" not in str(error.value).split("text.png")[0][-40:]
+
+
+def test_chat_caps_images_per_message_and_pixels_per_request(client, tmp_path):
+    small = [handle_file(easyvqa.images("test")[i].path) for i in range(5)]
+    with pytest.raises(Exception, match="at most 4"):
+        client.predict({"text": "what color?", "files": small}, "llava-easyvqa", api_name="/chat")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (8000, 8000)).save(huge)  # ~200 KB on disk, 64 megapixels decoded
+    with pytest.raises(Exception, match="megapixels"):
+        client.predict({"text": "what color?", "files": [handle_file(str(huge))]}, "llava-easyvqa", api_name="/chat")
+
+
+def test_caption_with_only_unreadable_uploads_lists_them(client, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    table = client.predict([handle_file(str(bad))], "llava-easyvqa", "Describe the image.", api_name="/caption")
+    [[name, caption]] = table["data"]
+    assert name == "broken.png" and caption.startswith("(unreadable")
+
+
+def test_concurrent_chats_get_the_answers_they_get_alone(client):
+    pictures = easyvqa.images("test")[30:42]
+
+    def ask(picture, model):
+        return Client(client.src, verbose=False).predict({"text": "what color is the shape?", "files": [handle_file(picture.path)]}, model, api_name="/chat")
+
+    for model in ("flamingo-easyvqa", "llava-easyvqa"):
+        alone = [ask(p, model) for p in pictures]
+        with ThreadPoolExecutor(max_workers=len(pictures)) as pool:
+            together = list(pool.map(lambda p: ask(p, model), pictures))
+        assert together == alone
+
+
+def test_requests_from_other_origins_or_hosts_are_refused(app):
+    base = app.local_url.rstrip("/")
+    upload = {"files": ("a.png", b"x", "image/png")}
+    assert httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert httpx.get(base, headers={"Host": "evil.example"}).status_code == 403
+    own_origin = base.split("//", 1)[1]
+    assert httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": f"http://{own_origin}"}).status_code == 200
+    assert httpx.get(base).status_code == 200
+
+
+def test_launch_errors_name_the_real_cause():
+    from apps.web_safety import check_bind
+
+    with pytest.raises(VlmError, match="not an address of this machine"):
+        check_bind("192.0.2.1", _free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(VlmError, match="in use"):
+            check_bind("127.0.0.1", taken.getsockname()[1])
+    from apps.gradio_app import launch
+
+    with pytest.raises(VlmError, match="--allow-remote"):
+        launch(host="0.0.0.0", port=_free_port(), block=False)
+
+
+def test_uploads_are_deleted_after_their_max_age(tmp_path):
+    from apps.gradio_app import launch
+
+    app = launch(port=_free_port(), block=False, upload_max_age=2)
+    try:
+        picture = tmp_path / "p.png"
+        draw_shape("red", "circle").save(picture)
+        [path] = httpx.post(f"{app.local_url.rstrip('/')}/gradio_api/upload", files={"files": ("p.png", picture.read_bytes(), "image/png")}).json()
+        assert os.path.isfile(path)
+        deadline = time.time() + 15
+        while os.path.exists(path) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not os.path.exists(path)
+    finally:
+        app.close()
 
 
 def _chromium() -> str | None:

@@ -163,9 +163,9 @@ def _caption(args) -> None:
 def _app(args) -> None:
     from apps.gradio_app import launch
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.allow_remote:
         logging.getLogger("vlmstack").warning("serving on %s: anyone who can reach this address can use the app", args.host)
-    launch(index=args.index, host=args.host, port=args.port)
+    launch(index=args.index, models=args.model, host=args.host, port=args.port, allow_remote=args.allow_remote)
 
 
 def _export(args) -> None:
@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
     app.add_argument("--index", default=None, help="index to search (default: the easy-VQA test images, built once)")
+    app.add_argument("--model", action="append", default=[], help="a LLaVA/Flamingo model directory to offer beside the shipped ones (repeatable)")
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)")
     app.add_argument("--port", type=whole(1, 65535), default=7860)
     app.set_defaults(run=_app)
 
