@@ -26,6 +26,16 @@ class GenerationConfig:
     use_cache: bool = True  # False recomputes the whole sequence each step (for comparison)
     seed: int = 0  # sampling seed
 
+    def __post_init__(self):
+        """Raises ValueError naming a field whose value generation cannot use (written so
+        that NaN fails every check)."""
+        if not self.max_new_tokens >= 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be above 0 and at most 1, not {self.top_p}")
+
 
 @dataclass
 class Prompt:
