@@ -7,10 +7,15 @@ Each caption is written as soon as it exists: a JSONL or CSV row appended and fl
 (image paths relative to the output file, so the output is a caption dataset vlmstack can
 train on), or for --format txt a .txt file beside each image. Run the same command again
 after a crash and it skips what is done — a row cut short by the crash is dropped and
-redone. Unreadable images are logged and listed at the end; the rest go on.
+redone. Unreadable images — and entries that are not readable files at all (a FIFO, a
+dangling link, a link loop, a name that is not UTF-8) — are logged and listed at the
+end; the rest go on. One run at a time writes an output: a second run on the same file
+(or, for txt, the same folder) stops at once with one line.
 """
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
@@ -48,10 +53,6 @@ class _RowFile:
     """A JSONL/CSV output opened for appending whole, flushed rows."""
 
     def __init__(self, path: Path, fmt: str, *, overwrite: bool):
-        if path.suffix.lower() != f".{fmt}":
-            raise VlmError(f"{path}: --format {fmt} writes a .{fmt} file")
-        if path.is_dir():
-            raise VlmError(f"{path}: is a folder; --out names the {fmt} file to write")
         self.path, self.fmt = path, fmt
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -86,6 +87,14 @@ class _RowFile:
         self.file.close()
 
 
+def _check_out(path: Path, fmt: str) -> None:
+    """Raises VlmError when `path` cannot be a --format `fmt` output file."""
+    if path.suffix.lower() != f".{fmt}":
+        raise VlmError(f"{path}: --format {fmt} writes a .{fmt} file")
+    if path.is_dir():
+        raise VlmError(f"{path}: is a folder; --out names the {fmt} file to write")
+
+
 def _drop_partial_last_line(path: Path) -> None:
     """Cut a row left half-written by a crash (everything after the last newline)."""
     if not path.is_file():
@@ -96,16 +105,71 @@ def _drop_partial_last_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _inputs(source: Path, *, recursive: bool) -> list:
-    """The images to caption: files of a folder, or the image members of webdataset shards."""
+def _inputs(source: Path, *, recursive: bool) -> tuple[list, list[str]]:
+    """The images to caption (files of a folder, or the image members of webdataset
+    shards), and the reasons for the folder entries that cannot be read as files.
+
+    Raises:
+        VlmError: not a folder or shards, or nothing that looks like an image.
+    """
     if webdataset.is_webdataset(source):
-        return webdataset.image_members(source)
+        return webdataset.image_members(source), []
     if not source.is_dir():
         raise VlmError(f"{source}: not a folder of images or webdataset shards")
-    images = find_images(source, recursive=recursive).images
-    if not images:
+    found = find_images(source, recursive=recursive)
+    if not found.images and not found.skipped:
         raise VlmError(f"{source}: no images found{'' if recursive else ' (add --recursive to look in subfolders)'}")
-    return images
+    return found.images, found.skipped
+
+
+@contextlib.contextmanager
+def _only_writer(lock_file: Path, target: Path):
+    """Hold an exclusive lock on `lock_file` for the block; another run holding it makes
+    this one fail at once rather than write every caption a second time.
+
+    Raises:
+        VlmError: another run holds the lock.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:  # the lock goes with the file when this process ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VlmError(f"{target}: another run is writing it; wait for that run to end, or write elsewhere") from None
+        yield
+
+
+def _lock_file(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, Path]:
+    """(lock file, what it guards): `.NAME.lock` beside a jsonl/csv output; for txt, a
+    hidden lock file in the image folder the captions are written into."""
+    if fmt == "txt":
+        return source / ".vlmstack-caption.lock", source
+    out = Path(out)
+    return out.parent / f".{out.name}.lock", out
+
+
+def _check_counts(**counts: int) -> None:
+    """Raises VlmError naming the first count that is below 1."""
+    for name, value in counts.items():
+        if value < 1:
+            raise VlmError(f"{name} must be at least 1, not {value}")
+
+
+def _local_model(model, max_new_tokens: int):
+    """The model loaded in this process (by name or directory, unless already loaded).
+
+    Raises:
+        VlmError: not a VQA model, or `max_new_tokens` alone would fill its context.
+    """
+    from vlm.load import load_vlm
+
+    loaded = load_vlm(model) if isinstance(model, str) else model
+    if max_new_tokens >= loaded.max_length:
+        raise VlmError(
+            f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the model's {loaded.max_length}-token context; "
+            f"give fewer than {loaded.max_length}"
+        )
+    return loaded
 
 
 def _key(image) -> str:
@@ -162,56 +226,62 @@ def caption_folder(
         engine: "local" (this process) or "ray" (`workers` Ray actors; `ray_address`
             of a cluster, default a local Ray).
     Raises:
-        VlmError: unknown format or engine, no --out for jsonl/csv, no images found.
+        VlmError: unknown format or engine, batch_size or max_new_tokens below 1, no --out
+            for jsonl/csv, no images found, or another run writing the same output.
     """
+    _check_counts(batch_size=batch_size, max_new_tokens=max_new_tokens)
     if fmt not in FORMATS:
         raise VlmError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if engine not in ENGINES:
         raise VlmError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if fmt != "txt" and not out:
         raise VlmError(f"--out FILE is needed for --format {fmt}")
+    if fmt != "txt":
+        _check_out(Path(out), fmt)
     source = Path(folder).resolve()
-    images = _inputs(source, recursive=recursive)
-    if fmt == "txt" and isinstance(images[0], TarMember):
+    images, skipped = _inputs(source, recursive=recursive)
+    if fmt == "txt" and images and isinstance(images[0], TarMember):
         raise VlmError("--format txt writes beside each image, which webdataset shards cannot hold; use jsonl or csv")
     if fmt == "txt":
         _refuse_shared_txt(images)
     if engine == "ray" and not isinstance(model, str):
         raise VlmError("the ray engine needs the model's name or directory, which each actor loads")
-    rows = _RowFile(Path(out), fmt, overwrite=overwrite) if fmt != "txt" else None
-    report = CaptionReport()
-    try:
-        done = rows.done() if rows else {str(p) for p in images if p.with_suffix(".txt").exists() and not overwrite}
-        todo = [image for image in images if _key(image) not in done]
-        report.already_done = len(images) - len(todo)
-        if not todo:
-            results = iter(())
-        elif engine == "ray":
-            from vlm import ray_engine
+    with _only_writer(*_lock_file(source, out, fmt)):
+        if engine == "local":
+            model = _local_model(model, max_new_tokens)  # before --overwrite removes anything
+        report = CaptionReport(failed=list(skipped))
+        for reason in skipped:
+            log.warning("skipped %s", reason)
+        rows = _RowFile(Path(out), fmt, overwrite=overwrite) if fmt != "txt" else None
+        try:
+            done = rows.done() if rows else {str(p) for p in images if p.with_suffix(".txt").exists() and not overwrite}
+            todo = [image for image in images if _key(image) not in done]
+            report.already_done = len(images) - len(todo)
+            if not todo:
+                results = iter(())
+            elif engine == "ray":
+                from vlm import ray_engine
 
-            results = ray_engine.caption_images(
-                model, todo, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                workers=workers, address=ray_address, progress=False,
-            )
-        else:
-            from vlm.load import load_vlm
-
-            loaded = load_vlm(model) if isinstance(model, str) else model
-            results = _local_captions(loaded, todo, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        with progress_bar(total=len(todo), desc="captioning", unit="img", disable=not progress) as bar:
-            for i, caption, error in results:
-                bar.update(1)
-                if error:
-                    log.warning("skipped %s", error)
-                    report.failed.append(error)
-                    continue
-                caption = " ".join(caption.split())  # one line per caption
-                if rows:
-                    rows.write(todo[i], caption)
-                else:
-                    write_text(todo[i].with_suffix(".txt"), caption + "\n")
-                report.captioned += 1
-    finally:
-        if rows:
-            rows.close()
+                results = ray_engine.caption_images(
+                    model, todo, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    workers=workers, address=ray_address, progress=False,
+                )
+            else:
+                results = _local_captions(model, todo, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            with progress_bar(total=len(todo), desc="captioning", unit="img", disable=not progress) as bar:
+                for i, caption, error in results:
+                    bar.update(1)
+                    if error:
+                        log.warning("skipped %s", error)
+                        report.failed.append(error)
+                        continue
+                    caption = " ".join(caption.split())  # one line per caption
+                    if rows:
+                        rows.write(todo[i], caption)
+                    else:
+                        write_text(todo[i].with_suffix(".txt"), caption + "\n")
+                    report.captioned += 1
+        finally:
+            if rows:
+                rows.close()
     return report

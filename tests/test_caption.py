@@ -4,12 +4,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
 import pytest
 
 from apps.caption import caption_folder
+from vlm.cli import main
 from vlm.errors import VlmError
 from tests.conftest import draw_shape
 
@@ -129,3 +131,125 @@ def test_symlinked_images_are_captioned_once_across_runs(tiny_llava, tmp_path):
     again = caption_folder(folder, model=tiny_llava, out=out, max_new_tokens=4, progress=False)
     assert (again.captioned, again.already_done) == (0, 1)
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["pictures/link.png"]
+
+
+def _hazard_folder(tmp_path):
+    """Three good images beside a FIFO, a dangling link, a link loop and a latin-1 name."""
+    folder = tmp_path / "hazards"
+    folder.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        draw_shape(color, "circle").save(folder / f"good{i}.png")
+    os.mkfifo(folder / "fifo.png")
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    draw_shape("red", "rectangle").save(latin1, format="PNG")
+    return folder
+
+
+def _finishes(seconds, function):
+    """function() run in a thread; fails (instead of hanging the suite) if it blocks."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except BaseException as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s (blocked on a FIFO?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_fifo_links_and_latin1_names_are_reported_and_every_good_image_captioned(tiny_llava, tmp_path):
+    folder = _hazard_folder(tmp_path)
+    out = tmp_path / "captions.jsonl"
+    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=out, batch_size=2, max_new_tokens=4, progress=False))
+    assert report.captioned == 3
+    named = sorted(reason.split(":")[0].rsplit("/", 1)[-1] for reason in report.failed)
+    assert named == ["caf\\xe9.png", "fifo.png", "gone.png", "loop.png"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"] for r in rows) == ["hazards/good0.png", "hazards/good1.png", "hazards/good2.png"]
+
+
+def test_hazard_folder_through_the_cli_exits_0_and_names_each_bad_entry(tiny_llava_dir, tmp_path, capsys):
+    folder = _hazard_folder(tmp_path)
+    out = tmp_path / "captions.jsonl"
+    argv = ["caption", str(folder), "--model", tiny_llava_dir, "--out", str(out), "--batch-size", "2", "--max-new-tokens", "4"]
+    assert _finishes(60, lambda: main(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "3 captioned, 0 already done, 4 failed" in printed
+    for name in ("fifo.png", "gone.png", "loop.png", "caf\\xe9.png"):
+        assert name in printed
+
+
+def test_txt_format_skips_hazards_and_writes_only_beside_good_images(tiny_llava, tmp_path):
+    folder = _hazard_folder(tmp_path)
+    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=None, fmt="txt", max_new_tokens=4, progress=False))
+    assert (report.captioned, len(report.failed)) == (3, 4)
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["good0.txt", "good1.txt", "good2.txt"]
+
+
+def test_a_folder_of_only_unreadable_entries_reports_them_instead_of_no_images(tiny_llava, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.png")
+    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=tmp_path / "c.jsonl", progress=False))
+    assert report.captioned == 0 and len(report.failed) == 1 and "fifo.png" in report.failed[0]
+
+
+@pytest.mark.parametrize("option", [{"batch_size": 0}, {"batch_size": -3}, {"max_new_tokens": 0}, {"max_new_tokens": -1}])
+def test_counts_below_one_are_refused_before_any_work(tiny_llava, messy_folder, tmp_path, option):
+    out = tmp_path / "captions.jsonl"
+    name = next(iter(option))
+    with pytest.raises(VlmError, match=f"{name} must be at least 1") as raised:
+        caption_folder(messy_folder, model=tiny_llava, out=out, progress=False, **option)
+    assert "\n" not in str(raised.value)
+    assert not out.exists()
+
+
+def test_max_new_tokens_beyond_the_model_context_is_one_clear_error(tiny_llava, messy_folder, tmp_path):
+    with pytest.raises(VlmError, match="128-token context"):
+        caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "c.jsonl", max_new_tokens=1000, progress=False)
+
+
+class _GatedModel:
+    """Delegates to a model, but its first answer_batch waits until the test opens the gate."""
+
+    def __init__(self, model):
+        self.model, self.entered, self.gate = model, threading.Event(), threading.Event()
+        self.max_length = model.max_length
+
+    def answer_batch(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(60)
+        return self.model.answer_batch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt"])
+def test_a_second_run_on_the_same_output_fails_at_once_while_the_first_writes(tiny_llava, messy_folder, tmp_path, fmt):
+    out = tmp_path / "captions.jsonl" if fmt == "jsonl" else None
+    gated = _GatedModel(tiny_llava)
+    first = threading.Thread(target=lambda: caption_folder(messy_folder, model=gated, out=out, fmt=fmt, max_new_tokens=4, progress=False))
+    first.start()
+    try:
+        assert gated.entered.wait(60)
+        started = time.time()
+        with pytest.raises(VlmError, match="another run is writing it") as raised:
+            caption_folder(messy_folder, model=tiny_llava, out=out, fmt=fmt, max_new_tokens=4, progress=False)
+        assert time.time() - started < 5
+        assert "\n" not in str(raised.value)
+        assert str(out or messy_folder) in str(raised.value)
+    finally:
+        gated.gate.set()
+        first.join(60)
+    if out:
+        images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+        assert sorted(images) == ["pictures/good0.png", "pictures/good1.png", "pictures/good2.png"]
+    again = caption_folder(messy_folder, model=tiny_llava, out=out, fmt=fmt, max_new_tokens=4, progress=False)
+    assert (again.captioned, again.already_done) == (0, 3)  # the lock went with the first run
