@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
+import torch
 from starlette.middleware import Middleware
 
 from retrieval import Searcher, build_index
@@ -48,6 +49,7 @@ MAX_IMAGES_PER_MESSAGE = 4
 MAX_IMAGES_PER_REQUEST = 16  # a conversation's images, all turns
 MAX_REQUEST_PIXELS = 32_000_000  # decoded pixels per request: 8000x8000 alone would be 64M
 MODELS_LOADED = 2
+CONCURRENCY = 2  # requests run at once; the rest queue
 UPLOAD_MAX_AGE = 3600  # seconds an upload is kept
 
 
@@ -163,7 +165,7 @@ def served_pictures(engine: Searcher, hits) -> list[tuple]:
 
 
 def build_app(
-    *, index: str | Path | None = None, models: list[str] = (), concurrency: int = 2, remote_host: str | None = None,
+    *, index: str | Path | None = None, models: list[str] = (), concurrency: int = CONCURRENCY, remote_host: str | None = None,
     upload_max_age: int = UPLOAD_MAX_AGE,
 ) -> gr.Blocks:
     """The app's page. `models`: VQA model directories offered beside the shipped ones;
@@ -308,6 +310,10 @@ def launch(
     if remote and not allow_remote:
         raise VlmError(f"--host {host} would let other machines use the app; add --allow-remote if that is what you want")
     check_bind(host, port)
+    # Requests run side by side; torch threads beyond the cores they share starve the
+    # server's own thread, and clients' uploads then time out (see
+    # docs/benchmarks/app_concurrency.md).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
     app = build_app(index=index, models=models, remote_host=host if remote else None, upload_max_age=upload_max_age)
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:
