@@ -78,11 +78,12 @@ def tiny_flamingo(tiny_clip, tiny_lm_and_tokenizer):
     import copy
 
     from vlm.flamingo import build_flamingo
+    from vlm.resampler import ResamplerConfig
     from vlm.vision import VisionTower
 
     lm, tokenizer = tiny_lm_and_tokenizer
     torch.manual_seed(0)
-    resampler = {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 8, "max_frames": 2}
+    resampler = ResamplerConfig(depth=1, heads=2, head_dim=32, num_latents=8, max_frames=2)
     return build_flamingo(
         vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer),
         resampler=resampler, xattn_heads=2, xattn_head_dim=32, max_length=128,

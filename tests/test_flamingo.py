@@ -10,7 +10,7 @@ from vlm.data.interleaved import pair_records
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel
 from vlm.generation import GenerationConfig, generate, positions
-from vlm.resampler import PerceiverResampler
+from vlm.resampler import PerceiverResampler, ResamplerConfig
 from vlm.train.flamingo import freeze_for_flamingo
 from vlm.xattn import MaskedCrossAttention, media_index
 from tests.conftest import draw_shape
@@ -34,14 +34,14 @@ def _inputs(model, turns, images):
 
 @pytest.mark.parametrize("patches", [4, 64, 300])
 def test_resampler_output_shape_does_not_depend_on_patch_count(patches):
-    resampler = PerceiverResampler(dim=32, depth=2, heads=2, head_dim=16, num_latents=8, max_frames=3)
+    resampler = PerceiverResampler(dim=32, config=ResamplerConfig(depth=2, heads=2, head_dim=16, num_latents=8, max_frames=3))
     assert resampler(torch.randn(5, 1, patches, 32)).shape == (5, 8, 32)
     assert resampler(torch.randn(2, 3, patches, 32)).shape == (2, 8, 32)  # three frames per item
 
 
 def test_resampler_refuses_more_frames_than_it_has_time_embeddings():
     with pytest.raises(ValueError, match="frames"):
-        PerceiverResampler(dim=8, head_dim=4, max_frames=2)(torch.randn(1, 3, 4, 8))
+        PerceiverResampler(dim=8, config=ResamplerConfig(head_dim=4, max_frames=2))(torch.randn(1, 3, 4, 8))
 
 
 def test_gates_at_zero_leave_the_lm_unchanged(tiny_flamingo, tiny_lm_and_tokenizer):

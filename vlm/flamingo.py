@@ -12,33 +12,31 @@ A saved model is one directory: config.json, model.safetensors, tokenizer files.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from vlm import hub
-from vlm.chat import ChatMixin
-from vlm.clip import ClipConfig
 from vlm.conversation import Encoded
-from vlm.generation import Prompt, left_pad
-from vlm.lm import IMAGE_TOKEN, add_media_tokens, check_max_length, decoder_layers, lm_from_config
-from vlm.resampler import PerceiverResampler
-from vlm.vision import VisionTower
+from vlm.generation import Prompt
+from vlm.lm import IMAGE_TOKEN, check_max_length, decoder_layers
+from vlm.resampler import PerceiverResampler, ResamplerConfig
+from vlm.schema import schema_field
+from vlm.vision import VisionConfig, VisionTower
+from vlm.vision_language import VisionLanguageModel
 from vlm.xattn import GatedCrossAttentionBlock, MediaState, attending_to, media_index, wrap_layers
 
 
 @dataclass
 class FlamingoConfig:
-    vision: dict  # VisionTower config: {"clip": ClipConfig as a dict, "layer": -2}
+    vision: VisionConfig
     lm: dict  # the language model's Hugging Face config
-    resampler: dict = field(default_factory=lambda: {"depth": 2, "heads": 2, "head_dim": 64, "num_latents": 16, "max_frames": 4})
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     cross_attn_every: int = 1  # a gated cross-attention block before every Nth decoder layer
     xattn_heads: int = 4
     xattn_head_dim: int = 64
     max_length: int = 256  # tokens per sequence (an image is one token)
     kind: str = field(default="flamingo", init=False)
+    schema_version: int = schema_field()
 
 
 @dataclass
@@ -57,53 +55,33 @@ class FlamingoContext:
         return torch.where(at[None] < prompt_length, inside, self.media_index[:, -1:])
 
 
-class FlamingoModel(ChatMixin, nn.Module):
+class FlamingoModel(VisionLanguageModel):
+    config_class = FlamingoConfig
+
     def __init__(self, *, config: FlamingoConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
-        super().__init__()
-        self.config, self.tokenizer = config, tokenizer
-        self.vision = vision or VisionTower(clip_config=ClipConfig.from_dict(config.vision["clip"]), layer=config.vision["layer"])
-        self.lm = lm if lm is not None else lm_from_config(config.lm)
-        self.image_token_id, self.chunk_end_id = add_media_tokens(self.lm, tokenizer)
-        self.config.lm = self.lm.config.to_dict()
-        self.resampler = PerceiverResampler(dim=self.vision.width, **config.resampler)
-        hidden = self.lm.get_input_embeddings().embedding_dim
+        super().__init__(config=config, tokenizer=tokenizer, vision=vision, lm=lm)
+        self.resampler = PerceiverResampler(dim=self.vision.width, config=config.resampler)
 
         def make_block() -> GatedCrossAttentionBlock:
-            return GatedCrossAttentionBlock(dim=hidden, media_dim=self.vision.width, heads=config.xattn_heads, head_dim=config.xattn_head_dim)
+            return GatedCrossAttentionBlock(dim=self.hidden_size, media_dim=self.vision.width, heads=config.xattn_heads, head_dim=config.xattn_head_dim)
 
         self._wrapped = wrap_layers(decoder_layers(self.lm), every=config.cross_attn_every, make_block=make_block)
-
-    @property
-    def max_length(self) -> int:
-        return self.config.max_length
 
     @property
     def image_token_count(self) -> int:
         return 1
 
-    @property
-    def transform(self):
-        return self.vision.transform
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, S, S) -> (M, R, D) resampled latents (one frame per image)."""
         return self.resampler(self.vision(pixels)[:, None])
 
-    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
-
     def expand(self, encoded: Encoded) -> tuple[list[int], list[int]]:
         return encoded.ids, encoded.labels  # an image is its one <image> token
-
-    def media(self, latents: torch.Tensor, index: torch.Tensor):
-        """A context in which LM calls cross-attend to `latents` (B, M, R, D) with media
-        index (B, T). Per thread: concurrent calls on one model never see each other's images."""
-        return attending_to(MediaState(latents, index))
 
     def batch_latents(self, per_image: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
         """Images' (R, D) latents in reading order -> (B, M, R, D), zero-padded per row (at
         least one slot, so text-only rows still run the blocks' feed-forwards)."""
-        r, d = self.config.resampler["num_latents"], self.vision.width
+        r, d = self.config.resampler.num_latents, self.vision.width
         out = torch.zeros(len(counts), max(1, max(counts, default=0)), r, d)
         start = 0
         for row, count in enumerate(counts):
@@ -119,33 +97,24 @@ class FlamingoModel(ChatMixin, nn.Module):
         Returns the LM's CausalLMOutputWithPast (loss when labels are given)."""
         latents = list(self.encode_images(pixels)) if pixels is not None and len(pixels) else []
         counts = (input_ids == self.image_token_id).sum(-1).tolist()
-        with self.media(self.batch_latents(latents, counts), media_index(input_ids, self.image_token_id)):
+        with attending_to(MediaState(self.batch_latents(latents, counts), media_index(input_ids, self.image_token_id))):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
-    def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
-        input_ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
-        flat = [image for group in images for image in group]
-        latents = self.batch_latents(self.image_features(flat) if flat else [], [len(group) for group in images])
-        with torch.inference_mode():
-            return Prompt(self.token_embeddings(input_ids), mask, FlamingoContext(latents, media_index(input_ids, self.image_token_id)))
+    def build_prompt(self, input_ids, attention_mask, features, counts) -> Prompt:
+        """Prompt embeddings, with the images' latents and media index as the context."""
+        context = FlamingoContext(self.batch_latents(features, counts), media_index(input_ids, self.image_token_id))
+        return Prompt(self.token_embeddings(input_ids), attention_mask, context)
 
-    def step(self, embeds, attention_mask, position_ids, cache, prompt, start):
-        cache = cache if cache is not None else DynamicCache()
-        with self.media(prompt.context.latents, prompt.context.index_for(start, embeds.shape[1])):
-            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
-        return out.logits, out.cache
-
-    def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
-        hub.save_model(directory, self, dtype=dtype)
-
-    @classmethod
-    def load(cls, directory: Path) -> "FlamingoModel":
-        return hub.load_model(cls, FlamingoConfig, directory)
+    def media(self, prompt: Prompt, start: int, length: int):
+        """LM calls in this context cross-attend to the prompt's images; per thread, so
+        concurrent calls on one model never see each other's images."""
+        return attending_to(MediaState(prompt.context.latents, prompt.context.index_for(start, length)))
 
 
 def build_flamingo(*, vision: VisionTower, lm: nn.Module, tokenizer, **options) -> FlamingoModel:
     """A new Flamingo model around a pretrained vision tower and LM; resampler and
-    cross-attention blocks are random, gates are 0 (the LM is unchanged)."""
-    config = FlamingoConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), **options)
+    cross-attention blocks are random, gates are 0 (the LM is unchanged).
+    `options`: FlamingoConfig fields (resampler as a ResamplerConfig)."""
+    config = FlamingoConfig(vision=vision.config, lm=lm.config.to_dict(), **options)
     check_max_length(lm, config.max_length)
     return FlamingoModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

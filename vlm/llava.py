@@ -11,60 +11,43 @@ config.json, model.safetensors (vision tower, projector and LM) and tokenizer fi
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from vlm import hub
-from vlm.chat import ChatMixin
-from vlm.clip import ClipConfig
 from vlm.conversation import IGNORE_INDEX, Encoded
-from vlm.generation import Prompt, left_pad
-from vlm.lm import IMAGE_TOKEN, add_media_tokens, check_max_length, lm_from_config
+from vlm.generation import Prompt
+from vlm.lm import IMAGE_TOKEN, check_max_length
 from vlm.projector import build_projector
-from vlm.vision import VisionTower
+from vlm.schema import schema_field
+from vlm.vision import VisionConfig, VisionTower
+from vlm.vision_language import VisionLanguageModel
 
 
 @dataclass
 class LlavaConfig:
-    vision: dict  # VisionTower config: {"clip": ClipConfig as a dict, "layer": -2}
+    vision: VisionConfig
     lm: dict  # the language model's Hugging Face config
     projector: str = "mlp2x_gelu"  # see vlm/projector.py
     max_length: int = 512  # tokens per sequence, image tokens included
     kind: str = field(default="llava", init=False)
+    schema_version: int = schema_field()
 
 
-class LlavaModel(ChatMixin, nn.Module):
+class LlavaModel(VisionLanguageModel):
+    config_class = LlavaConfig
+
     def __init__(self, *, config: LlavaConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
-        super().__init__()
-        self.config, self.tokenizer = config, tokenizer
-        self.vision = vision or VisionTower(clip_config=ClipConfig.from_dict(config.vision["clip"]), layer=config.vision["layer"])
-        self.lm = lm if lm is not None else lm_from_config(config.lm)
-        self.image_token_id = add_media_tokens(self.lm, tokenizer)[0]
-        self.config.lm = self.lm.config.to_dict()
-        hidden = self.lm.get_input_embeddings().embedding_dim
-        self.projector = build_projector(config.projector, self.vision.width, hidden)
-
-    @property
-    def max_length(self) -> int:
-        return self.config.max_length
+        super().__init__(config=config, tokenizer=tokenizer, vision=vision, lm=lm)
+        self.projector = build_projector(config.projector, self.vision.width, self.hidden_size)
 
     @property
     def image_token_count(self) -> int:
         return self.vision.num_patches
 
-    @property
-    def transform(self):
-        return self.vision.transform
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, S, S) -> (M, N, H) projected patch features."""
         return self.projector(self.vision(pixels))
-
-    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
 
     def splice(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids with image tokens, (M, N, H) features -> (B, T, H) input embeddings.
@@ -99,29 +82,13 @@ class LlavaModel(ChatMixin, nn.Module):
             labels += [IGNORE_INDEX if copies > 1 else label] * copies
         return ids, labels
 
-    def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
-        """Left-padded prompt embeddings from expanded token ids and each row's images."""
-        input_ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
-        flat = [image for group in images for image in group]
-        features = torch.stack(self.image_features(flat)) if flat else None
-        with torch.inference_mode():
-            return Prompt(self.splice(input_ids, features), mask)
-
-    def step(self, embeds, attention_mask, position_ids, cache, prompt, start):
-        cache = cache if cache is not None else DynamicCache()
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
-        return out.logits, out.cache
-
-    def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
-        hub.save_model(directory, self, dtype=dtype)
-
-    @classmethod
-    def load(cls, directory: Path) -> "LlavaModel":
-        return hub.load_model(cls, LlavaConfig, directory)
+    def build_prompt(self, input_ids, attention_mask, features, counts) -> Prompt:
+        """The images' patch features spliced into the prompt embeddings."""
+        return Prompt(self.splice(input_ids, torch.stack(features) if features else None), attention_mask)
 
 
 def build_llava(*, vision: VisionTower, lm: nn.Module, tokenizer, projector: str = "mlp2x_gelu", max_length: int = 512) -> LlavaModel:
     """A new LLaVA model from a pretrained vision tower and LM (the projector is random)."""
     check_max_length(lm, max_length)
-    config = LlavaConfig(vision=vision.config_dict(), lm=lm.config.to_dict(), projector=projector, max_length=max_length)
+    config = LlavaConfig(vision=vision.config, lm=lm.config.to_dict(), projector=projector, max_length=max_length)
     return LlavaModel(config=config, tokenizer=tokenizer, vision=vision, lm=lm)

@@ -7,9 +7,21 @@ by a feed-forward. A media item may have several frames; a learned time embeddin
 frame is added before the frames' patches are pooled together.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class ResamplerConfig:
+    depth: int = 2  # attention + feed-forward layers
+    heads: int = 2
+    head_dim: int = 64
+    num_latents: int = 16  # tokens out per media item, whatever the patches in
+    max_frames: int = 4  # frames per media item (time embeddings)
+    ff_mult: int = 4  # feed-forward width, times the feature width
 
 
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -37,12 +49,13 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, *, dim: int, depth: int = 2, heads: int = 2, head_dim: int = 64, num_latents: int = 16, max_frames: int = 4, ff_mult: int = 4):
+    def __init__(self, *, dim: int, config: ResamplerConfig):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
-        self.frame_embeddings = nn.Parameter(torch.zeros(max_frames, dim))  # time embeddings
+        self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * dim**-0.5)
+        self.frame_embeddings = nn.Parameter(torch.zeros(config.max_frames, dim))  # time embeddings
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, heads=heads, head_dim=head_dim), feed_forward(dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim=dim, heads=config.heads, head_dim=config.head_dim), feed_forward(dim, config.ff_mult)])
+            for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(dim)
 

@@ -5,7 +5,7 @@ shaped for CLIP's pooled embedding, not for describing regions); `layer` picks a
 The class token is dropped. The tower is frozen by the training recipes, not here.
 """
 
-from dataclasses import asdict
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -17,24 +17,30 @@ from vlm.errors import VlmError
 from vlm.images import ImageTransform
 
 
+@dataclass
+class VisionConfig:
+    clip: ClipConfig  # the CLIP whose image tower gives the patch features
+    layer: int = -2  # transformer block whose patch tokens are read (-2: the penultimate)
+
+
 class VisionTower(nn.Module):
-    def __init__(self, *, clip_config: ClipConfig, layer: int = -2):
+    def __init__(self, *, config: VisionConfig):
         super().__init__()
-        self.clip_config = clip_config
+        self.config = config
+        clip_config, layer = config.clip, config.layer
         cfg = clip_config.model_cfg
         vision_cfg = open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"])
         self.visual = open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
         if not isinstance(self.visual, VisionTransformer):
             raise VlmError(f"{clip_config.source}: patch features need a ViT image tower, not {type(self.visual).__name__}")
         depth = len(self.visual.transformer.resblocks)
-        self.layer_index = layer % depth  # -2 -> the penultimate block
         if not -depth <= layer < depth:
             raise VlmError(f"vision layer {layer} out of range for a {depth}-layer ViT")
-        self.layer = layer
+        self.layer_index = layer % depth  # -2 -> the penultimate block
 
     @classmethod
     def from_clip(cls, clip: Clip, *, layer: int = -2) -> "VisionTower":
-        tower = cls(clip_config=clip.config, layer=layer)
+        tower = cls(config=VisionConfig(clip=clip.config, layer=layer))
         tower.visual.load_state_dict(clip.model.visual.state_dict())
         return tower
 
@@ -51,10 +57,7 @@ class VisionTower(nn.Module):
     def transform(self) -> ImageTransform:
         size = self.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        return ImageTransform(size, tuple(self.clip_config.image_mean), tuple(self.clip_config.image_std))
-
-    def config_dict(self) -> dict:
-        return {"clip": asdict(self.clip_config), "layer": self.layer}
+        return ImageTransform(size, tuple(self.config.clip.image_mean), tuple(self.config.clip.image_std))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_patches, width) patch tokens of the chosen layer."""

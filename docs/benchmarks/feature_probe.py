@@ -27,7 +27,7 @@ from vlm.data import easyvqa  # noqa: E402
 from vlm.errors import VlmError  # noqa: E402
 from vlm.flamingo import FlamingoModel  # noqa: E402
 from vlm.load import load_vlm  # noqa: E402
-from vlm.resampler import PerceiverResampler  # noqa: E402
+from vlm.resampler import PerceiverResampler, ResamplerConfig  # noqa: E402
 
 LABELS = {"color": easyvqa.COLORS, "shape": easyvqa.SHAPES}
 
@@ -59,9 +59,9 @@ class TokenProbe(nn.Module):
 class ResamplerProbe(nn.Module):
     """(M, N, dim) patch tokens -> (M, classes): a new resampler, its latents averaged, then linear."""
 
-    def __init__(self, dim: int, classes: int, resampler: dict):
+    def __init__(self, dim: int, classes: int, resampler: ResamplerConfig):
         super().__init__()
-        self.resampler = PerceiverResampler(dim=dim, **resampler)
+        self.resampler = PerceiverResampler(dim=dim, config=resampler)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:

@@ -47,13 +47,11 @@ def prefill_seconds(model, features: torch.Tensor, question_ids: list[int]) -> f
                 model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask))
             else:
                 latents = model.resampler(features[:, None])  # (1, R, D)
-                from vlm.flamingo import FlamingoContext
-                from vlm.xattn import media_index
+                from vlm.xattn import MediaState, attending_to, media_index
 
                 ids = torch.tensor([question_ids])
                 mask = torch.ones_like(ids)
-                context = FlamingoContext(latents[:, None], media_index(ids, model.image_token_id))
-                with model.media(context.latents, context.media_index):
+                with attending_to(MediaState(latents[:, None], media_index(ids, model.image_token_id))):
                     model.lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
             times.append(time.perf_counter() - started)
     return sorted(times[2:])[REPEATS // 2]

@@ -25,6 +25,7 @@ from vlm.data.sources import builtin_split, conversation_records
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel, build_flamingo
 from vlm.lm import load_lm
+from vlm.resampler import ResamplerConfig
 from vlm.train.recipes import load_recipe
 from vlm.train.splits import held_out
 from vlm.train.trainer import TrainConfig
@@ -39,7 +40,7 @@ class FlamingoRecipe:
     vision: str = "clip-easyvqa"  # any CLIP load_clip accepts, with a ViT image tower
     vision_layer: int = -2  # transformer block whose patch tokens feed the resampler
     lm: str = "lm-easyvqa"  # any causal LM load_lm accepts (frozen)
-    resampler: dict = field(default_factory=lambda: {"depth": 2, "heads": 2, "head_dim": 64, "num_latents": 16, "max_frames": 4})
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     cross_attn_every: int = 1  # a gated cross-attention block before every Nth LM layer
     xattn_heads: int = 4
     xattn_head_dim: int = 64

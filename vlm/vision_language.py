@@ -1,0 +1,123 @@
+"""The base of both visual language models: a CLIP vision tower, a causal LM with its
+tokenizer, a typed config, chat and generation (vlm/chat.py, vlm/generation.py), and one
+model directory format (config.json, model.safetensors, tokenizer files).
+
+A subclass (vlm/llava.py, vlm/flamingo.py) says only how images reach the LM:
+
+    image_token_count                     tokens one image occupies in the sequence
+    encode_images(pixels)                 (M, 3, S, S) -> (M, ...) features per image
+    expand(encoded)                       ids/labels with each image's tokens expanded
+    build_prompt(ids, mask, features, counts) -> Prompt for generation
+    media(prompt, start, length)          context an LM call on the prompt runs in
+                                          (Flamingo: its images' latents; LLaVA: none)
+"""
+
+import abc
+import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache
+
+from vlm import hub
+from vlm.chat import ChatMixin
+from vlm.conversation import Encoded
+from vlm.errors import VlmError
+from vlm.generation import Prompt, left_pad
+from vlm.lm import add_media_tokens, lm_from_config
+from vlm.schema import from_dict
+from vlm.vision import VisionTower
+
+
+class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
+    config_class: ClassVar[type]  # the subclass's config dataclass (vision, lm, max_length, ...)
+
+    def __init__(self, *, config, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.vision = vision or VisionTower(config=config.vision)
+        self.lm = lm if lm is not None else lm_from_config(config.lm)
+        self.image_token_id, self.chunk_end_id = add_media_tokens(self.lm, tokenizer)
+        self.config.lm = self.lm.config.to_dict()  # with the media tokens' rows added
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per sequence, image tokens included."""
+        return self.config.max_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.get_input_embeddings().embedding_dim
+
+    @property
+    def transform(self):
+        """Image source -> (3, S, S) vision tower input."""
+        return self.vision.transform
+
+    @property
+    @abc.abstractmethod
+    def image_token_count(self) -> int:
+        """Tokens one image occupies in the LM sequence."""
+
+    @abc.abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, S, S) pixels -> (M, ...) what the LM receives of each image."""
+
+    @abc.abstractmethod
+    def expand(self, encoded: Encoded) -> tuple[list[int], list[int]]:
+        """Token ids and labels of an encoded conversation with each image's tokens expanded."""
+
+    @abc.abstractmethod
+    def build_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor], counts: list[int]) -> Prompt:
+        """(B, T) left-padded ids and mask, the images' features in reading order and how
+        many images each row has -> the Prompt `step` continues from."""
+
+    def media(self, prompt: Prompt, start: int, length: int):
+        """The context in which an LM call on tokens start..start+length of `prompt` runs."""
+        return contextlib.nullcontext()
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H)."""
+        return self.lm.get_input_embeddings()(ids)
+
+    def prepare(self, sequences: list[list[int]], images: list[list]) -> Prompt:
+        """The generation prompt from expanded token ids and each row's images."""
+        input_ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
+        flat = [image for group in images for image in group]
+        features = self.image_features(flat) if flat else []
+        with torch.inference_mode():
+            return self.build_prompt(input_ids, mask, features, [len(group) for group in images])
+
+    def step(self, embeds, attention_mask, position_ids, cache, prompt: Prompt, start: int):
+        """One LM call for generation (see vlm/generation.py): (B, T, H) embeds -> ((B, T, V) logits, cache)."""
+        cache = cache if cache is not None else DynamicCache()
+        with self.media(prompt, start, embeds.shape[1]):
+            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        return out.logits, out.cache
+
+    def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        """config.json, tokenizer files and model.safetensors (optionally cast, e.g. fp16 to ship)."""
+        hub.save_config(directory, asdict(self.config))
+        hub.save_pretrained(self.tokenizer, directory)
+        hub.save_module(directory, self, dtype=dtype)
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        """The model a `save` wrote, in eval mode.
+
+        Raises:
+            VlmError: a config this class cannot read, or weights that do not fit it.
+        """
+        directory = Path(directory)
+        config = from_dict(cls.config_class, hub.read_config(directory), str(directory / hub.CONFIG_FILE))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            model = cls(config=config, tokenizer=tokenizer)
+        except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            raise VlmError(f"{directory}: cannot build the model from its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        hub.load_module(directory, model)
+        return model.eval()
