@@ -167,6 +167,13 @@ def test_query_grammar():
         parse_query("red + ")
 
 
+@pytest.mark.parametrize("weight", ["1" * 401, "1" * 401 + ".5", "1001", "99999999"])
+def test_an_absurd_query_weight_is_refused_in_one_line(weight):
+    with pytest.raises(VlmError, match="weight") as error:
+        parse_query(f"{weight}:red + circle")
+    assert "\n" not in str(error.value) and len(str(error.value)) < 200
+
+
 def test_auto_spec_grows_with_size():
     assert auto_spec(1_000, 512) == "Flat"
     assert auto_spec(1_000_000, 512) == "IVF4096,Flat"
