@@ -15,7 +15,6 @@ last finished shard. The index reads the shards memory-mapped, one at a time.
 """
 
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -27,13 +26,13 @@ import numpy as np
 from retrieval import spec as index_spec
 from retrieval import store
 from retrieval.index import DEFAULT_MODEL, IndexReport
-from retrieval.scan import scan_folder
+from retrieval.scan import content_hash, scan_folder
+from retrieval.typed_json import from_json
 from vlm.atomic import atomic_path, write_json, write_text
 from vlm.clip import load_clip
 from vlm.data import webdataset
 from vlm.embedding import embed_images
-from vlm.errors import VlmError
-from vlm.hashing import sha256_file
+from vlm.errors import ImageError, VlmError
 from vlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,14 @@ class Item:
 
 
 @dataclass
+class Listing:
+    root: Path  # the folder, or the folder holding the tar shards
+    kind: str  # "folder" or "webdataset"
+    items: list[Item]  # in a stable order
+    skipped: list[str]  # reasons, each naming a folder entry that cannot be read
+
+
+@dataclass
 class EmbedReport:
     embedded: int = 0  # inputs embedded by this run
     resumed_shards: int = 0  # shards already done by an earlier run
@@ -71,8 +78,8 @@ class EmbedReport:
         return text + "".join(f"\n  unreadable: {reason}" for reason in self.failed)
 
 
-def list_items(source: str | Path) -> tuple[Path, str, list[Item]]:
-    """(root, kind, items) of a folder of images or webdataset shards, in a stable order."""
+def list_items(source: str | Path) -> Listing:
+    """The images of a folder or of webdataset shards, and the folder's unreadable entries."""
     if webdataset.is_webdataset(source):
         shards = webdataset.shard_paths(source)
         root = shards[0].parent.resolve()
@@ -80,17 +87,25 @@ def list_items(source: str | Path) -> tuple[Path, str, list[Item]]:
         for member in webdataset.image_members(source):
             shard = Path(member.shard).resolve()
             items.append(Item(f"{shard.relative_to(root).as_posix()}#{member.name}", shard.stat().st_mtime, member.size, member))
-        return root, "webdataset", items
+        return Listing(root, "webdataset", items, [])
     root = Path(source).resolve()
     if not root.is_dir():
         raise VlmError(f"{source}: not a folder of images or webdataset shards")
-    return root, "folder", [Item(f.path, f.mtime, f.size, str(root / f.path)) for f in scan_folder(root)]
+    scan = scan_folder(root)
+    return Listing(root, "folder", [Item(f.path, f.mtime, f.size, str(root / f.path)) for f in scan.files], scan.skipped)
 
 
-def _sha256(item: Item) -> str:
+def _hash(item: Item) -> tuple[str | None, str | None]:
+    """(sha256 of the item's bytes, None), or (None, why they cannot be read)."""
     if isinstance(item.image, webdataset.TarMember):
-        return hashlib.sha256(item.image.read_bytes()).hexdigest()
-    return sha256_file(Path(item.image))
+        try:
+            return hashlib.sha256(item.image.read_bytes()).hexdigest(), None
+        except OSError as e:
+            return None, f"{item.image}: cannot read ({e.strerror or e})"
+    try:
+        return content_hash(Path(item.image)), None
+    except ImageError as e:
+        return None, str(e)
 
 
 def _shard_name(number: int) -> str:
@@ -111,45 +126,58 @@ def embed_to_shards(
 ) -> EmbedReport:
     """Embed every image of `source` into shards in `out`, resuming an earlier run.
 
+    Each input is hashed before it is embedded: one that vanished, became a FIFO or
+    cannot be read is a failed input (a row with "error"), like an image that cannot be
+    decoded. Folder entries that are not readable files are named in the report.
+
     Raises:
-        VlmError: no images, or `out` holds another source's or model's embeddings.
+        VlmError: `shard_size` below 1, no images, or `out` holds another source's or
+            model's embeddings (or a damaged embeddings.json).
     """
-    root, kind, items = list_items(source)
-    if not items:
-        raise VlmError(f"{source}: no images found")
-    out = Path(out)
+    if shard_size < 1:
+        raise VlmError(f"shard_size must be at least 1, got {shard_size}")
+    listing = list_items(source)
+    if not listing.items:
+        raise VlmError(f"{source}: no images found" + (f" that can be read ({listing.skipped[0]})" if listing.skipped else ""))
+    out, items = Path(out), listing.items
+    before = asdict(read_manifest(out)) if is_embeddings(out) else None  # a damaged one is refused before the model loads
     clip = load_clip(model)
-    manifest = EmbeddingsManifest(str(root), kind, model, clip.fingerprint, clip.embed_dim, shard_size, len(items))
-    if (out / MANIFEST).exists():
-        before = json.loads((out / MANIFEST).read_text())
+    manifest = EmbeddingsManifest(str(listing.root), listing.kind, model, clip.fingerprint, clip.embed_dim, shard_size, len(items))
+    if before is not None:
         if before != asdict(manifest):
-            changed = ", ".join(k for k in before if before[k] != asdict(manifest).get(k))
+            changed = ", ".join(k for k in before if before[k] != asdict(manifest)[k])
             raise VlmError(f"{out} holds other embeddings (different {changed}); use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST, asdict(manifest))
-    report = EmbedReport(shards=-(-len(items) // shard_size))
+    report = EmbedReport(shards=-(-len(items) // shard_size), failed=list(listing.skipped))
     pending = [n for n in range(report.shards) if not (out / f"{_shard_name(n)}.npy").exists()]
     report.resumed_shards = report.shards - len(pending)
     chunks = [items[n * shard_size : (n + 1) * shard_size] for n in pending]
+    to_hash = [item for chunk in chunks for item in chunk]
+    hashed = iter([_hash(item) for item in progress_bar(to_hash, desc="hashing", unit="file", disable=not progress or len(to_hash) < 1000)])
+    hashes = [[next(hashed) for _ in chunk] for chunk in chunks]  # per chunk: (sha256, error) per item
+    readable = [[item for item, (_, error) in zip(chunk, h) if error is None] for chunk, h in zip(chunks, hashes)]
     if engine == "ray":
         from vlm import ray_engine
 
-        images = [item.image for chunk in chunks for item in chunk]
+        images = [item.image for chunk in readable for item in chunk]
         results = ray_engine.embed_stream(model, images, batch_size=batch_size, workers=workers, address=ray_address, progress=False)
     elif engine == "local":
-        results = _local_stream(clip, chunks, batch_size=batch_size, workers=workers)
+        results = _local_stream(clip, readable, batch_size=batch_size, workers=workers)
     else:
         raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
-    with progress_bar(total=len(items), initial=len(items) - sum(map(len, chunks)), desc="embedding", unit="img", disable=not progress) as bar:
-        for number, chunk in zip(pending, chunks):
+    with progress_bar(total=len(items), initial=len(items) - len(to_hash), desc="embedding", unit="img", disable=not progress) as bar:
+        for number, chunk, chunk_hashes in zip(pending, chunks, hashes):
             rows, vectors = [], []
-            for item, (_, vector, error) in zip(chunk, itertools.islice(results, len(chunk))):
+            for item, (digest, error) in zip(chunk, chunk_hashes):
                 row = {"path": item.path, "mtime": item.mtime, "size": item.size}
+                if error is None:  # readable items come out of `results` in order
+                    _, vector, error = next(results)
                 if error:
                     row["error"] = error
                     report.failed.append(error)
                 else:
-                    row["sha256"] = _sha256(item)
+                    row["sha256"] = digest
                     vectors.append(vector)
                 rows.append(json.dumps(row, ensure_ascii=False))
                 bar.update(1)
@@ -177,14 +205,76 @@ def _write_shard(out: Path, number: int, rows: list[str], vectors: np.ndarray) -
 
 
 def read_manifest(folder: str | Path) -> EmbeddingsManifest:
+    """The embeddings folder's manifest, every field checked for type and range.
+
+    Raises:
+        VlmError: no manifest, or a damaged one (the message names the field).
+    """
+    path = Path(folder) / MANIFEST
+    fix = "embed again into a new --out"
     try:
-        return EmbeddingsManifest(**json.loads((Path(folder) / MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise VlmError(f"{folder}: not a vlmstack embeddings folder ({e})") from None
+    manifest = from_json(EmbeddingsManifest, data, where=str(path), fix=fix)
+    checks = [
+        (manifest.kind in ("folder", "webdataset"), f"kind must be folder or webdataset, not {manifest.kind!r}"),
+        (Path(manifest.source).is_absolute(), f"source must be an absolute path, not {manifest.source!r}"),
+        (bool(manifest.model), "model must not be empty"),
+        (manifest.dim >= 1, f"dim must be at least 1, not {manifest.dim}"),
+        (manifest.shard_size >= 1, f"shard_size must be at least 1, not {manifest.shard_size}"),
+        (manifest.count >= 0, f"count must not be negative, not {manifest.count}"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise VlmError(f"{path}: {problem}; {fix}")
+    return manifest
 
 
 def is_embeddings(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
+
+
+@dataclass
+class ShardRow:
+    """One line of a shard's .jsonl."""
+
+    path: str
+    mtime: float
+    size: int
+    sha256: str = ""  # of a readable input
+    error: str = ""  # why the input could not be read
+
+
+def _read_rows(path: Path) -> list[ShardRow]:
+    """Raises VlmError naming the line when the file is missing or a line is damaged."""
+    fix = "embed again into a new --out"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise VlmError(f"{path}: cannot read ({e}); {fix}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            raise VlmError(f"{path}: line {number} is not JSON; {fix}") from None
+        row = from_json(ShardRow, data, where=f"{path} line {number}", fix=fix)
+        if not row.sha256 and not row.error:
+            raise VlmError(f"{path} line {number}: neither sha256 nor error; {fix}")
+        rows.append(row)
+    return rows
+
+
+def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
+    """A shard's (count, dim) float32 vectors, memory-mapped. Raises VlmError if damaged."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise VlmError(f"{path}: damaged shard ({e}); embed again into a new --out") from None
+    if vectors.dtype != np.float32 or vectors.shape != (count, dim):
+        raise VlmError(f"{path}: holds {vectors.shape} {vectors.dtype}, its .jsonl says ({count}, {dim}) float32; embed again into a new --out")
+    return vectors
 
 
 def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = "auto", progress: bool = True) -> IndexReport:
@@ -193,7 +283,8 @@ def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = 
     Byte-identical inputs share one vector; unreadable ones are left out.
 
     Raises:
-        VlmError: the embeddings are unfinished, or `out` already holds an index.
+        VlmError: the embeddings are unfinished or damaged; `out` already holds an index,
+            holds files of the user's, or is being written by another process.
     """
     started = time.perf_counter()
     folder, out = Path(folder), Path(out)
@@ -202,47 +293,44 @@ def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = 
     missing = [n for n in range(shards) if not (folder / f"{_shard_name(n)}.npy").exists()]
     if missing:
         raise VlmError(f"{folder}: {len(missing)} of {shards} shards unfinished; run `vlmstack embed` again to finish them")
-    if (out / store.MANIFEST).exists():
-        raise VlmError(f"{out} already holds an index; choose another --out")
     index_spec.check_spec(spec, emb.dim)
+    with store.new_index(out):
+        # First pass, metadata only: which rows are distinct contents.
+        hashes, files, content_id, picks, readable, report = [], [], {}, [], [], IndexReport()
+        for number in progress_bar(range(shards), desc="reading shards", unit="shard", disable=not progress):
+            row_in_shard = 0
+            for row in _read_rows(folder / f"{_shard_name(number)}.jsonl"):
+                if row.error:
+                    report.failed.append(row.error)
+                    continue
+                if row.sha256 not in content_id:
+                    content_id[row.sha256] = len(hashes)
+                    hashes.append(row.sha256)
+                    picks.append((number, row_in_shard))
+                files.append((row.path, row.mtime, row.size, content_id[row.sha256]))
+                row_in_shard += 1
+            readable.append(row_in_shard)
+        # Second pass: copy the chosen vectors out of the memory-mapped shards.
+        vectors = np.empty((len(hashes), emb.dim), np.float32)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for target, (number, row) in enumerate(picks):
+            by_shard.setdefault(number, []).append((target, row))
+        for number, pairs in by_shard.items():
+            shard = _read_vectors(folder / f"{_shard_name(number)}.npy", readable[number], emb.dim)
+            targets, rows = zip(*pairs)
+            vectors[list(targets)] = shard[list(rows)]
+        if not hashes:
+            raise VlmError(f"{folder}: no readable images were embedded")
 
-    # First pass, metadata only: which rows are distinct contents.
-    hashes, files, content_id, picks, report = [], [], {}, [], IndexReport()
-    for number in progress_bar(range(shards), desc="reading shards", unit="shard", disable=not progress):
-        row_in_shard = 0
-        for line in (folder / f"{_shard_name(number)}.jsonl").read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if "error" in row:
-                report.failed.append((row["path"], row["error"]))
-                continue
-            digest = row["sha256"]
-            if digest not in content_id:
-                content_id[digest] = len(hashes)
-                hashes.append(digest)
-                picks.append((number, row_in_shard))
-            files.append((row["path"], row["mtime"], row["size"], content_id[digest]))
-            row_in_shard += 1
-    # Second pass: copy the chosen vectors out of the memory-mapped shards.
-    vectors = np.empty((len(hashes), emb.dim), np.float32)
-    by_shard: dict[int, list[tuple[int, int]]] = {}
-    for target, (number, row) in enumerate(picks):
-        by_shard.setdefault(number, []).append((target, row))
-    for number, pairs in by_shard.items():
-        shard = np.load(folder / f"{_shard_name(number)}.npy", mmap_mode="r")
-        targets, rows = zip(*pairs)
-        vectors[list(targets)] = shard[list(rows)]
-    if not hashes:
-        raise VlmError(f"{folder}: no readable images were embedded")
-
-    built = index_spec.auto_spec(len(hashes), emb.dim) if spec == "auto" else spec
-    manifest = store.Manifest(
-        root=emb.source, model=emb.model, model_fingerprint=emb.model_fingerprint, dim=emb.dim,
-        index_spec=spec, built_spec=built, source=emb.kind,
-    )
-    index = index_spec.build_faiss(vectors, built)
-    manifest.search_params = index_spec.tune_search(index, vectors)
-    files.sort()
-    store.save(out, manifest, store.IndexData(vectors, hashes, files), index)
+        built = index_spec.auto_spec(len(hashes), emb.dim) if spec == "auto" else spec
+        manifest = store.Manifest(
+            root=emb.source, model=emb.model, model_fingerprint=emb.model_fingerprint, dim=emb.dim,
+            index_spec=spec, built_spec=built, source=emb.kind,
+        )
+        index = index_spec.build_faiss(vectors, built)
+        manifest.search_params = index_spec.tune_search(index, vectors)
+        files.sort()
+        store.save(out, manifest, store.IndexData(vectors, hashes, files), index)
     report.added, report.count, report.files, report.index_spec = len(files), len(hashes), len(files), built
     report.duplicates = len(files) - len(hashes)
     report.seconds = time.perf_counter() - started

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 FLAT_MAX = 50_000  # exact search over 50k x 512 floats takes ~2 ms per query on 2 cores
 IVF_FLAT_MAX = 5_000_000  # 5M x 512 float32 = 10 GB: above this, compress with PQ
+SEARCH_PARAMETERS = ("nprobe", "efSearch")  # the search breadths tune_search sets
+MAX_SEARCH_BREADTH = 1 << 20  # above any nlist auto_spec picks, and any efSearch worth its time
 
 
 def auto_spec(count: int, dim: int) -> str:
@@ -122,9 +124,17 @@ def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int, *, chunk:
 
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:
+    """Set search breadths ({"nprobe": 16}) on `index`.
+
+    Raises:
+        VlmError: a parameter that this kind of index does not have.
+    """
     space = faiss.ParameterSpace()
     for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            raise VlmError(f"search parameter {name} does not apply to an index of type {type(index).__name__}; rebuild the index with `vlmstack index build`") from None
 
 
 def _breadth_parameter(index: faiss.Index) -> str | None:

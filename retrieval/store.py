@@ -3,32 +3,51 @@
     INDEX/
       manifest.json        which version is current; model name and fingerprint, dim,
                            FAISS spec and search parameters, counts, format version
+      .writer.lock         held (flock) by the one process building or updating the index
       v000003/
         index.faiss        the FAISS index; its ids are content ids
         vectors.npy        (contents, dim) float32 embeddings, so an update re-indexes
                            without re-embedding
         meta.sqlite        contents(id, sha256) and files(path, mtime, size, content_id)
 
-A save writes a complete new version folder, then switches manifest.json to it in one
-atomic rename, then deletes older versions. A crash at any point leaves the previous
-manifest pointing at the previous, complete version.
+A save writes a complete new version folder under a name no entry has yet, then switches
+manifest.json to it in one atomic rename, then deletes the older versions. A crash at any
+point leaves the previous manifest pointing at the previous, complete version.
+
+The directory may hold things the index did not write (the user's, or a mistyped --out):
+only folders named v + 6 digits that hold nothing but index files count as versions, and
+nothing else is ever deleted. Everything read back (the manifest's fields, the metadata
+store, the vectors) is checked where it is read: a damaged index is a one-line VlmError.
 """
 
+import contextlib
+import fcntl
 import json
+import os
+import re
 import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
 
+from retrieval.spec import SEARCH_PARAMETERS, MAX_SEARCH_BREADTH
+from retrieval.typed_json import from_json
 from vlm.atomic import write_json
+from vlm.data.folders import printable
 from vlm.errors import VlmError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".writer.lock"
+SOURCES = ("folder", "webdataset")
+VERSION_NAME = re.compile(r"v[0-9]{6}")
+VERSION_FILES = {"index.faiss", "vectors.npy", "meta.sqlite", "meta.sqlite-journal"}
+REBUILD = "rebuild the index with `vlmstack index build`"
 
 
 @dataclass
@@ -63,17 +82,45 @@ def version_dir(index_dir: Path, version: int) -> Path:
 
 
 def read_manifest(index_dir: Path) -> Manifest:
-    """Raises VlmError when the directory is not a (readable, compatible) index."""
+    """The index's manifest, every field checked for type and range.
+
+    Raises:
+        VlmError: the directory is not an index, or its manifest is damaged or of
+            another format version; the message names the field.
+    """
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
         raise VlmError(f"{index_dir}: not an index (no {MANIFEST}); build one with `vlmstack index build`")
     try:
-        manifest = Manifest(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise VlmError(f"{path}: corrupt manifest ({e})") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise VlmError(f"{index_dir}: index format {manifest.format_version}, this vlmstack reads {FORMAT_VERSION}; rebuild it")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON
+        raise VlmError(f"{path}: corrupt manifest ({e}); {REBUILD}") from None
+    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise VlmError(f"{index_dir}: index format {data['format_version']!r}, this vlmstack reads {FORMAT_VERSION}; {REBUILD}")
+    manifest = from_json(Manifest, data, where=str(path), fix=REBUILD)
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise VlmError(f"{path}: {problem}; {REBUILD}")
     return manifest
+
+
+def _manifest_problem(m: Manifest) -> str | None:
+    """What is out of range in a manifest whose fields have the right types, or None."""
+    checks = [
+        (bool(m.root) and Path(m.root).is_absolute(), f"root must be an absolute path, not {m.root!r}"),
+        (bool(m.model), "model must not be empty"),
+        (bool(m.index_spec), "index_spec must not be empty"),
+        (m.dim >= 1, f"dim must be at least 1, not {m.dim}"),
+        (m.source in SOURCES, f"source must be one of {', '.join(SOURCES)}, not {m.source!r}"),
+        (m.count >= 0, f"count must not be negative, not {m.count}"),
+        (m.files >= m.count and (m.count > 0 or m.files == 0), f"count {m.count} and files {m.files} disagree"),
+        (m.version >= 1, f"version must be at least 1, not {m.version}"),
+    ]
+    for name, value in m.search_params.items():
+        checks.append((name in SEARCH_PARAMETERS, f"unknown search parameter {name!r} (known: {', '.join(SEARCH_PARAMETERS)})"))
+        in_range = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEARCH_BREADTH
+        checks.append((in_range, f"search parameter {name} must be a whole number from 1 to {MAX_SEARCH_BREADTH}, not {value!r}"))
+    return next((problem for ok, problem in checks if not ok), None)
 
 
 def read_faiss(index_dir: Path, manifest: Manifest) -> faiss.Index:
@@ -88,50 +135,143 @@ def read_faiss(index_dir: Path, manifest: Manifest) -> faiss.Index:
 
 
 def connect_meta(index_dir: Path, manifest: Manifest) -> sqlite3.Connection:
-    """Read-only connection to the metadata store, usable from several threads."""
+    """Read-only connection to the metadata store, usable from several threads.
+
+    Raises:
+        VlmError: the store is missing, not a database, or does not hold the manifest's
+            contents (ids 0..count-1, each with at least one file) and files.
+    """
     path = version_dir(index_dir, manifest.version) / "meta.sqlite"
     if not path.is_file():
-        raise VlmError(f"{path}: missing metadata store")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        raise VlmError(f"{path}: missing metadata store; {REBUILD}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        contents = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM contents").fetchone()
+        files = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT content_id), MIN(content_id), MAX(content_id),"
+            " TOTAL(typeof(path) != 'text' OR typeof(content_id) != 'integer') FROM files"
+        ).fetchone()
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise VlmError(f"{path}: damaged metadata store ({e}); {REBUILD}") from None
+    ids = (0, manifest.count - 1) if manifest.count else (None, None)
+    if contents != (manifest.count, *ids) or files != (manifest.files, manifest.count, *ids, 0):
+        db.close()
+        raise VlmError(
+            f"{path}: damaged metadata store ({contents[0]} contents and {files[0]} files, of which {files[1]} contents "
+            f"have a file; the manifest says {manifest.count} and {manifest.files}); {REBUILD}"
+        )
+    return db
 
 
 def read_data(index_dir: Path, manifest: Manifest) -> IndexData:
-    folder = version_dir(index_dir, manifest.version)
-    vectors = np.load(folder / "vectors.npy")
-    with connect_meta(index_dir, manifest) as db:
-        hashes = [h for (h,) in db.execute("SELECT sha256 FROM contents ORDER BY id")]
-        files = list(db.execute("SELECT path, mtime, size, content_id FROM files ORDER BY path"))
+    """The current version's vectors and metadata (what an update starts from).
+
+    Raises:
+        VlmError: the vectors or the metadata store are damaged or disagree with the manifest.
+    """
+    path = version_dir(index_dir, manifest.version) / "vectors.npy"
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise VlmError(f"{path}: damaged vectors ({e}); {REBUILD}") from None
+    if vectors.dtype != np.float32 or vectors.shape != (manifest.count, manifest.dim):
+        raise VlmError(f"{path}: holds {vectors.shape} {vectors.dtype}, the manifest says ({manifest.count}, {manifest.dim}) float32; {REBUILD}")
+    with contextlib.closing(connect_meta(index_dir, manifest)) as db:
+        try:
+            hashes = [h for (h,) in db.execute("SELECT sha256 FROM contents ORDER BY id")]
+            files = list(db.execute("SELECT path, mtime, size, content_id FROM files ORDER BY path"))
+        except sqlite3.DatabaseError as e:
+            raise VlmError(f"{path.with_name('meta.sqlite')}: damaged metadata store ({e}); {REBUILD}") from None
     return IndexData(vectors, hashes, files)
 
 
+@contextlib.contextmanager
+def writer_lock(index_dir: Path) -> Iterator[None]:
+    """Hold the index's writer lock while the block runs. The lock is an flock on
+    INDEX/.writer.lock, so a writer that dies (even by kill -9) releases it.
+
+    Raises:
+        VlmError: at once, when another process holds the lock.
+    """
+    fd = os.open(Path(index_dir) / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VlmError(f"another vlmstack is writing {index_dir}; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def new_index(out: Path) -> Iterator[None]:
+    """Create the index directory `out` (or take over what a crashed build left in it)
+    and hold its writer lock while the block builds the index.
+
+    Raises:
+        VlmError: `out` already holds an index, holds anything an index did not write
+            (named in the message), or another build is writing it.
+    """
+    out = Path(out)
+    check_new_index(out)  # before creating anything in a folder that may be the user's
+    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out):
+        check_new_index(out)  # another build may have finished in the meantime
+        yield
+
+
+def check_new_index(out: Path) -> None:
+    """Raises VlmError unless `out` is absent, empty, or holds only what a crashed build
+    left (see new_index)."""
+    if (out / MANIFEST).exists():
+        raise VlmError(f"{out} already holds an index; update it with `vlmstack index update {out}` or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise VlmError(f"{out} is a file; choose an empty or new --out")
+    if not out.exists():
+        return
+    foreign = sorted(printable(entry.name) + "/" * entry.is_dir() for entry in out.iterdir() if not _written_by_index(entry))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise VlmError(f"{out} is not empty and not an index (holds {shown}); choose an empty or new --out")
+
+
+def _written_by_index(entry: Path) -> bool:
+    """The lock, a version folder, or a half-written manifest (vlm.atomic's temporary file)."""
+    if entry.name == LOCK or _is_version(entry):
+        return True
+    return entry.name.startswith(f".{MANIFEST}.") and entry.name.endswith(".tmp") and entry.is_file()
+
+
+def _is_version(entry: Path) -> bool:
+    """A folder named v + 6 digits (not a link) that holds nothing but index files."""
+    if not VERSION_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+        return False
+    return all(child.name in VERSION_FILES and child.is_file() and not child.is_symlink() for child in entry.iterdir())
+
+
 def save(index_dir: Path, manifest: Manifest, data: IndexData, index: faiss.Index) -> Manifest:
-    """Write `data` and `index` as the next version and make it current. Returns the new
-    manifest (counts, version and timestamps filled in)."""
+    """Write `data` and `index` as the next version, make it current, delete the older
+    versions. The caller holds the writer lock. Returns the new manifest (counts, version
+    and timestamps filled in)."""
     index_dir = Path(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
-    previous = _current_version(index_dir)
-    manifest.version = previous + 1
+    manifest.version = manifest.version + 1
+    while os.path.lexists(version_dir(index_dir, manifest.version)):  # never write into what is there
+        manifest.version += 1
     manifest.count, manifest.files = len(data.hashes), len(data.files)
     manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.created = manifest.created or manifest.updated
     folder = version_dir(index_dir, manifest.version)
-    shutil.rmtree(folder, ignore_errors=True)  # leftovers of a crashed save
     folder.mkdir()
     np.save(folder / "vectors.npy", np.ascontiguousarray(data.vectors, dtype=np.float32))
     _write_meta(folder / "meta.sqlite", data)
     faiss.write_index(index, str(folder / "index.faiss"))
     write_json(index_dir / MANIFEST, asdict(manifest))  # the commit point
-    for old in index_dir.glob("v[0-9]*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    for entry in index_dir.iterdir():
+        if entry != folder and _is_version(entry):
+            shutil.rmtree(entry, ignore_errors=True)
     return manifest
-
-
-def _current_version(index_dir: Path) -> int:
-    try:
-        return json.loads((index_dir / MANIFEST).read_text())["version"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return max((int(p.name[1:]) for p in index_dir.glob("v[0-9]*")), default=0)
 
 
 def _write_meta(path: Path, data: IndexData) -> None:

@@ -80,6 +80,16 @@ def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_cli
     assert embedded == [] and again.unchanged == 5
 
 
+def test_a_touched_file_with_the_same_bytes_is_unchanged_and_keeps_its_new_mtime(folder, tmp_path, tiny_clip_dir):
+    build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
+    os.utime(folder / "red-circle.png", (1_000_000, 1_000_000))
+    report = update_index(tmp_path / "idx", workers=0, progress=False)
+    assert (report.added, report.changed, report.unchanged, report.removed) == (0, 0, 4, 0)
+    manifest = store.read_manifest(tmp_path / "idx")
+    mtimes = {path: mtime for path, mtime, _, _ in store.read_data(tmp_path / "idx", manifest).files}
+    assert mtimes["red-circle.png"] == 1_000_000
+
+
 def test_a_crash_during_save_leaves_the_previous_index_loadable(folder, tmp_path, tiny_clip_dir, monkeypatch):
     build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     draw_shape("blue", "circle").save(folder / "new.png")
@@ -130,7 +140,7 @@ def test_corrupt_files_are_skipped_and_reported(folder, tmp_path, tiny_clip_dir)
     (folder / "empty.jpg").write_bytes(b"")
     report = build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     assert report.files == 4
-    assert sorted(path for path, _ in report.failed) == ["broken.png", "empty.jpg"]
+    assert sorted(os.path.basename(reason.split(":")[0]) for reason in report.failed) == ["broken.png", "empty.jpg"]
     assert "broken.png" in report.summary()
 
 
