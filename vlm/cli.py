@@ -168,7 +168,7 @@ def _app(args) -> None:
     launch(index=args.index, models=args.model, host=args.host, port=args.port, allow_remote=args.allow_remote)
 
 
-def _export(args) -> None:
+def _ship(args) -> None:
     from vlm.hub import ship
 
     print(ship(args.directory, args.name))
@@ -262,10 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=whole(1, 65535), default=7860)
     app.set_defaults(run=_app)
 
-    export = commands.add_parser("export", help="developers: ship a trained model inside the package (fp16)")
-    export.add_argument("directory", help="trained model directory")
-    export.add_argument("--name", required=True, help="shipped name, e.g. llava-easyvqa")
-    export.set_defaults(run=_export)
+    ship = commands.add_parser("ship", help="developers: put a trained model inside the package as a shipped name (fp16)")
+    ship.add_argument("directory", help="trained model directory")
+    ship.add_argument("--name", required=True, help="shipped name, e.g. llava-easyvqa")
+    ship.set_defaults(run=_ship)
     return parser
 
 

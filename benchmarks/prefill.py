@@ -1,6 +1,6 @@
 """Prefill cost of the Flamingo path vs the LLaVA path as visual tokens per image grow.
 
-    .venv/bin/python docs/benchmarks/prefill.py
+    .venv/bin/python -m benchmarks.prefill
 
 Same LM (the tiny default's shape), same question, one image at 64/256/1024 patch tokens
 (a patch-8 ViT at 64/128/256 px). LLaVA puts every patch token in the LM's sequence;
@@ -9,21 +9,17 @@ Timed: everything after the vision tower (projector/resampler + LM prefill), ran
 weights (speed does not depend on them). Writes docs/benchmarks/prefill.md and .json.
 """
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
-
-from vlm.clip import ClipConfig, Clip, clip_config  # noqa: E402
-from vlm.flamingo import build_flamingo  # noqa: E402
-from vlm.generation import positions  # noqa: E402
-from vlm.llava import build_llava  # noqa: E402
-from vlm.lm import TinyLmConfig, build_tiny_lm, train_tokenizer  # noqa: E402
-from vlm.vision import VisionTower  # noqa: E402
+from benchmarks.common import write_report
+from vlm.clip import Clip, ClipConfig, clip_config
+from vlm.flamingo import build_flamingo
+from vlm.generation import positions
+from vlm.llava import build_llava
+from vlm.lm import TinyLmConfig, build_tiny_lm, train_tokenizer
+from vlm.vision import VisionTower
 
 REPEATS = 10
 

@@ -1,6 +1,6 @@
 """Where the VQA models' yes/no errors come from: "is there a X?" split by whether X is shown.
 
-    .venv/bin/python docs/benchmarks/yes_no_probe.py
+    .venv/bin/python -m experiments.yes_no_probe
 
 Two probes, neither touching easyvqa:test:
 - text: the language model alone, with the picture written as its caption in context,
@@ -15,22 +15,18 @@ that no longer recognises the shape. Writes docs/benchmarks/yes_no_probe.md and 
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
-
-from vlm.conversation import encode_conversation  # noqa: E402
-from vlm.data import easyvqa  # noqa: E402
-from vlm.data.records import VqaRecord  # noqa: E402
-from vlm.data.sequences import pad_right  # noqa: E402
-from vlm.eval.vqa import evaluate_vqa  # noqa: E402
-from vlm.lm import load_lm  # noqa: E402
-from vlm.load import load_vlm  # noqa: E402
-from vlm.train.splits import held_out  # noqa: E402
+from benchmarks.common import write_report
+from vlm.conversation import encode_conversation
+from vlm.data import easyvqa
+from vlm.data.records import VqaRecord
+from vlm.data.sequences import pad_right
+from vlm.eval.vqa import evaluate_vqa
+from vlm.lm import load_lm
+from vlm.load import load_vlm
+from vlm.train.splits import held_out
 
 CASES = ("color, present", "color, absent", "shape, present", "shape, absent")
 OPEN_SHAPE = "what shape? (open)"  # vision probe only

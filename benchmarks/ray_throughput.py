@@ -1,6 +1,6 @@
 """Ray Data engine throughput: captioning and embedding with 1 and 2 Ray workers vs local.
 
-    python docs/benchmarks/ray_throughput.py [--images 1000]
+    python -m benchmarks.ray_throughput [--images 1000]
 
 The first `--images` easy-VQA test images are copied to a scratch folder; each engine
 captions them (llava-easyvqa) and embeds them (`vlmstack embed`, clip-easyvqa) from
@@ -11,13 +11,11 @@ Writes docs/benchmarks/ray_throughput.md and .json.
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
+from benchmarks.common import write_report
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Where a Flamingo model loses what the image shows: probes on its frozen vision tower's
 patch tokens and on its Perceiver Resampler's latents.
 
-    .venv/bin/python docs/benchmarks/feature_probe.py --model flamingo-easyvqa
+    .venv/bin/python -m experiments.feature_probe --model flamingo-easyvqa
 
 For each of colour and shape, a small probe (a per-token MLP, max-pooled over the tokens,
 then a linear layer) is trained on the easyvqa:train images' features and scored on the
@@ -13,21 +13,17 @@ it at all. Writes docs/benchmarks/feature_probe.md and .json.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
-
-from vlm.data import easyvqa  # noqa: E402
-from vlm.errors import VlmError  # noqa: E402
-from vlm.flamingo import FlamingoModel  # noqa: E402
-from vlm.load import load_vlm  # noqa: E402
-from vlm.resampler import PerceiverResampler, ResamplerConfig  # noqa: E402
+from benchmarks.common import write_report
+from vlm.data import easyvqa
+from vlm.errors import VlmError
+from vlm.flamingo import FlamingoModel
+from vlm.load import load_vlm
+from vlm.resampler import PerceiverResampler, ResamplerConfig
 
 LABELS = {"color": easyvqa.COLORS, "shape": easyvqa.SHAPES}
 

@@ -1,7 +1,7 @@
 """VQA benchmark for a shipped (or any) LLaVA/Flamingo model on easyvqa:test.
 
-    .venv/bin/python docs/benchmarks/vqa.py --model llava-easyvqa
-    .venv/bin/python docs/benchmarks/vqa.py --model flamingo-easyvqa
+    .venv/bin/python -m benchmarks.vqa --model llava-easyvqa
+    .venv/bin/python -m benchmarks.vqa --model flamingo-easyvqa
 
 Measures: accuracy on all 9,673 test questions and the time that takes (batched); the
 same questions with the images re-saved as JPEG/WebP/RGBA/palette PNG at 96-256 px;
@@ -13,24 +13,21 @@ into the model's card.
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import SIZES, VARIANTS, timed, write_report, write_variant  # noqa: E402
-
-from vlm.data import easyvqa  # noqa: E402
-from vlm.data.interleaved import FIRST_IMAGE_QUESTIONS, PAIR_QUESTIONS, pair_records  # noqa: E402
-from vlm.data.records import VqaRecord  # noqa: E402
-from vlm.data.sources import vqa_records  # noqa: E402
-from vlm.eval.vqa import evaluate_vqa, vqa_metrics  # noqa: E402
-from vlm.generation import GenerationConfig, generate  # noqa: E402
-from vlm.hub import resolve_dir, update_card  # noqa: E402
-from vlm.load import load_vlm  # noqa: E402
+from benchmarks.common import SIZES, VARIANTS, timed, write_report, write_variant
+from vlm.data import easyvqa
+from vlm.data.interleaved import FIRST_IMAGE_QUESTIONS, PAIR_QUESTIONS, pair_records
+from vlm.data.records import VqaRecord
+from vlm.data.sources import vqa_records
+from vlm.eval.vqa import evaluate_vqa, vqa_metrics
+from vlm.generation import GenerationConfig, generate
+from vlm.hub import resolve_dir, update_card
+from vlm.load import load_vlm
 
 
 def variant_records(records: list[VqaRecord], workdir: Path) -> dict[str, list[VqaRecord]]:
@@ -104,6 +101,7 @@ def pair_accuracy(model, count: int = 1000) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update-card", action="store_true", help="developers: record the figures in the shipped model's card")
     parser.add_argument("--model", default="llava-easyvqa")
     parser.add_argument("--fewshot-questions", type=int, default=2000, help="test questions scored with few-shot prompts (Flamingo)")
     args = parser.parse_args()
@@ -170,8 +168,8 @@ def main() -> None:
     name = args.model.replace("/", "_")
     write_report(f"vqa-{name}", f"VQA benchmark: {args.model}", sections, {"results": results, "drops_points": drops})
     directory = resolve_dir(args.model)
-    if directory:
-        update_card(directory, test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python docs/benchmarks/vqa.py --model {args.model}")
+    if args.update_card and directory:
+        update_card(directory, test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python -m benchmarks.vqa --model {args.model}")
     print(json.dumps({"accuracy": results["original"]["accuracy"], "eval_seconds": results["eval_seconds"], "worst_drop_points": max(drops.values())}))
 
 

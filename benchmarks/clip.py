@@ -1,28 +1,25 @@
 """CLIP benchmark: clip-easyvqa on easyvqa:test, robustness to formats and sizes, and
 image-encoding throughput against a plain one-image-at-a-time open_clip loop.
 
-    .venv/bin/python docs/benchmarks/clip.py [--model clip-easyvqa]
+    .venv/bin/python -m benchmarks.clip [--model clip-easyvqa]
 
 Writes docs/benchmarks/clip.md and clip.json.
 """
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import SIZES, VARIANTS, timed, write_report, write_variant  # noqa: E402
-
-from vlm.clip import load_clip  # noqa: E402
-from vlm.data.records import CaptionRecord  # noqa: E402
-from vlm.data.sources import caption_records  # noqa: E402
-from vlm.embedding import embed_images  # noqa: E402
-from vlm.eval.clip import evaluate_clip  # noqa: E402
-from vlm.hub import CARD_FILE, resolve_dir, update_card  # noqa: E402
+from benchmarks.common import SIZES, VARIANTS, timed, write_report, write_variant
+from vlm.clip import load_clip
+from vlm.data.records import CaptionRecord
+from vlm.data.sources import caption_records
+from vlm.embedding import embed_images
+from vlm.eval.clip import evaluate_clip
+from vlm.hub import CARD_FILE, resolve_dir, update_card
 
 KEYS = ("zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1")
 
@@ -55,6 +52,7 @@ def plain_open_clip_loop(clip, paths) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update-card", action="store_true", help="developers: record the figures in the shipped model's card")
     parser.add_argument("--model", default="clip-easyvqa")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -104,8 +102,8 @@ def main() -> None:
         f"| plain open_clip loop (open, torchvision preprocess, one image per forward) | {throughput['plain_loop_images_per_s']:.0f} |",
     ]
     write_report("clip", "CLIP benchmark", sections, {"results": results, "drops_points": drops, "throughput": throughput, "train_seconds": card.get("train_seconds")})
-    if resolve_dir(args.model) and card:
-        update_card(resolve_dir(args.model), test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python docs/benchmarks/clip.py --model {args.model}")
+    if args.update_card and resolve_dir(args.model) and card:
+        update_card(resolve_dir(args.model), test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python -m benchmarks.clip --model {args.model}")
     print(json.dumps({"original": results["original"], "worst_drop_points": max(drops.values()), **throughput}))
 
 

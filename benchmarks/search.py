@@ -2,7 +2,7 @@
 build throughput on the 1,000 easyvqa:test images, and the automatically chosen FAISS
 index against exact search on 1M synthetic clustered 512-d vectors.
 
-    .venv/bin/python docs/benchmarks/search.py [--model clip-easyvqa] [--vectors 1000000]
+    .venv/bin/python -m benchmarks.search [--model clip-easyvqa] [--vectors 1000000]
 
 Writes docs/benchmarks/search.md and search.json.
 """
@@ -11,7 +11,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +19,10 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import timed, write_report  # noqa: E402
-
-from retrieval import Searcher, build_index  # noqa: E402
-from retrieval.spec import auto_spec, build_faiss, tune_search  # noqa: E402
-from vlm.data import easyvqa  # noqa: E402
+from benchmarks.common import timed, write_report
+from retrieval import Searcher, build_index
+from retrieval.spec import auto_spec, build_faiss, tune_search
+from vlm.data import easyvqa
 
 
 def easyvqa_index(model: str, workdir: Path) -> dict:

@@ -2,7 +2,7 @@
 tab taken in a real headless browser.
 
     .venv/bin/pip install playwright        # drives Debian's chromium (apt-get install chromium)
-    .venv/bin/python docs/benchmarks/app.py
+    .venv/bin/python -m benchmarks.app
 
 Writes docs/benchmarks/app.md and .json, and docs/screenshots/{search,chat,caption}.png.
 """
@@ -13,19 +13,16 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import HERE, write_report  # noqa: E402
+from gradio_client import Client
 
-from apps.gradio_app import launch  # noqa: E402
-from gradio_client import Client  # noqa: E402
-from vlm.data import easyvqa  # noqa: E402
+from apps.gradio_app import launch
+from benchmarks.common import RESULTS, write_report
+from vlm.data import easyvqa
 
-SCREENSHOTS = HERE.parent / "screenshots"
+SCREENSHOTS = RESULTS.parent / "screenshots"
 QUERIES = sorted({im.caption for im in easyvqa.images("test")})
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 from vlm.atomic import write_text
 from vlm.hub import machine_info
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+RESULTS = ROOT / "docs" / "benchmarks"  # what the scripts write: NAME.md and NAME.json
 # The ways one picture reaches a user: (name, PIL save format, extra save arguments, mode).
 VARIANTS = [
     ("jpeg-q75", "JPEG", {"quality": 75}, "RGB"),
@@ -42,7 +43,9 @@ def timed(fn, *args, **kwargs):
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+    """How this run was started, as `python -m benchmarks.NAME ARGS`."""
+    module = ".".join(Path(sys.argv[0]).resolve().relative_to(ROOT).with_suffix("").parts)
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
 
 
 def write_report(name: str, title: str, sections: list[str], data: dict) -> None:
@@ -56,5 +59,5 @@ def write_report(name: str, title: str, sections: list[str], data: dict) -> None
         f"{platform.python_implementation()} {platform.python_version()}. Date: {time.strftime('%Y-%m-%d')}.",
         "",
     ]
-    write_text(HERE / f"{name}.md", "\n".join(header + sections) + "\n")
-    write_text(HERE / f"{name}.json", json.dumps({"command": command_line(), "machine": machine, **data}, indent=2) + "\n")
+    write_text(RESULTS / f"{name}.md", "\n".join(header + sections) + "\n")
+    write_text(RESULTS / f"{name}.json", json.dumps({"command": command_line(), "machine": machine, **data}, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Captioning benchmark: do captions of the easy-VQA test images name the right colour and
 shape, and how much does batching speed captioning up?
 
-    .venv/bin/python docs/benchmarks/caption.py [--models llava-easyvqa flamingo-easyvqa]
+    .venv/bin/python -m benchmarks.caption [--models llava-easyvqa flamingo-easyvqa]
 
 Runs `vlmstack caption`'s code path (apps.caption.caption_folder) on a copy of the 1,000
 test images. A caption is right when it contains the image's colour and shape words and
@@ -12,18 +12,15 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import timed, write_report  # noqa: E402
-
-from apps.caption import caption_folder  # noqa: E402
-from vlm.data import easyvqa  # noqa: E402
-from vlm.load import load_vlm  # noqa: E402
+from apps.caption import caption_folder
+from benchmarks.common import timed, write_report
+from vlm.data import easyvqa
+from vlm.load import load_vlm
 
 
 def names_right(caption: str, color: str, shape: str) -> bool:

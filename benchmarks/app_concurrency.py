@@ -1,7 +1,7 @@
 """App hardening benchmark: concurrent chats answer as they do alone, and requests naming
 models the app does not offer leave its memory where it was.
 
-    .venv/bin/python docs/benchmarks/app_concurrency.py [--chats 40] [--custom 200]
+    .venv/bin/python -m benchmarks.app_concurrency [--chats 40] [--custom 200]
 
 For each shipped VQA model: `--chats` one-image chats ("what color is the shape?"), each from
 a fresh gradio_client session, first one at a time, then all at once; counts errors and
@@ -13,17 +13,15 @@ resident memory and loaded models before and after. Writes docs/benchmarks/app_c
 import argparse
 import concurrent.futures
 import socket
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
+from gradio_client import Client, handle_file
 
-from apps.gradio_app import launch, vqa_model_names  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-from vlm.data import easyvqa  # noqa: E402
-from vlm.hub import WEIGHTS_DIR  # noqa: E402
+from apps.gradio_app import launch, vqa_model_names
+from benchmarks.common import write_report
+from vlm.data import easyvqa
+from vlm.hub import WEIGHTS_DIR
 
 QUESTION = "what color is the shape?"
 

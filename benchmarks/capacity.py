@@ -5,7 +5,7 @@ shards (NNNNN.npy + NNNNN.jsonl), then `build_index_from_shards` (what `vlmstack
 build EMB` runs) makes the index: spec chosen automatically, search breadth tuned. Each
 size runs in its own process so its peak memory is its own.
 
-    python docs/benchmarks/capacity.py --sizes 100000 1000000 2000000
+    python -m benchmarks.capacity --sizes 100000 1000000 2000000
 
 Writes docs/benchmarks/capacity.md and .json.
 """
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import write_report  # noqa: E402
-from search import clustered_vectors  # noqa: E402
+from benchmarks.common import ROOT, write_report
+from benchmarks.search import clustered_vectors
 
 SHARD = 500_000
 
@@ -109,8 +108,8 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix="capacity-", dir=args.workdir))
         try:
             out = subprocess.run(
-                [sys.executable, __file__, "--one", str(count), "--dim", str(args.dim), "--workdir", str(workdir)],
-                check=True, capture_output=True, text=True,
+                [sys.executable, "-m", "benchmarks.capacity", "--one", str(count), "--dim", str(args.dim), "--workdir", str(workdir)],
+                check=True, capture_output=True, text=True, cwd=ROOT,
             ).stdout
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
