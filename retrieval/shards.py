@@ -27,13 +27,13 @@ from retrieval import spec as index_spec
 from retrieval import store
 from retrieval.index import DEFAULT_MODEL, IndexReport
 from retrieval.scan import content_hash, scan_folder
-from retrieval.typed_json import from_json
 from vlm.atomic import atomic_path, write_json, write_text
 from vlm.clip import load_clip
 from vlm.data import webdataset
 from vlm.embedding import embed_images
 from vlm.errors import ImageError, VlmError
 from vlm.progress import progress_bar
+from vlm.schema import from_dict
 
 log = logging.getLogger(__name__)
 MANIFEST = "embeddings.json"
@@ -216,7 +216,10 @@ def read_manifest(folder: str | Path) -> EmbeddingsManifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise VlmError(f"{folder}: not a vlmstack embeddings folder ({e})") from None
-    manifest = from_json(EmbeddingsManifest, data, where=str(path), fix=fix)
+    try:
+        manifest = from_dict(EmbeddingsManifest, data, str(path))  # types, unknown and missing fields
+    except VlmError as e:
+        raise VlmError(f"{e}; {fix}") from None
     checks = [
         (manifest.kind in ("folder", "webdataset"), f"kind must be folder or webdataset, not {manifest.kind!r}"),
         (Path(manifest.source).is_absolute(), f"source must be an absolute path, not {manifest.source!r}"),
@@ -259,7 +262,10 @@ def _read_rows(path: Path) -> list[ShardRow]:
             data = json.loads(line)
         except ValueError:
             raise VlmError(f"{path}: line {number} is not JSON; {fix}") from None
-        row = from_json(ShardRow, data, where=f"{path} line {number}", fix=fix)
+        try:
+            row = from_dict(ShardRow, data, f"{path} line {number}")
+        except VlmError as e:
+            raise VlmError(f"{e}; {fix}") from None
         if not row.sha256 and not row.error:
             raise VlmError(f"{path} line {number}: neither sha256 nor error; {fix}")
         rows.append(row)

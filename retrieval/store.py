@@ -35,11 +35,11 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from retrieval.spec import SEARCH_PARAMETERS, MAX_SEARCH_BREADTH
-from retrieval.typed_json import from_json
+from retrieval.spec import MAX_SEARCH_BREADTH, SEARCH_PARAMETERS
 from vlm.atomic import write_json
 from vlm.data.folders import printable
 from vlm.errors import VlmError
+from vlm.schema import from_dict
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,7 +97,10 @@ def read_manifest(index_dir: Path) -> Manifest:
         raise VlmError(f"{path}: corrupt manifest ({e}); {REBUILD}") from None
     if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise VlmError(f"{index_dir}: index format {data['format_version']!r}, this vlmstack reads {FORMAT_VERSION}; {REBUILD}")
-    manifest = from_json(Manifest, data, where=str(path), fix=REBUILD)
+    try:
+        manifest = from_dict(Manifest, data, str(path))  # types, unknown and missing fields
+    except VlmError as e:
+        raise VlmError(f"{e}; {REBUILD}") from None
     problem = _manifest_problem(manifest)
     if problem:
         raise VlmError(f"{path}: {problem}; {REBUILD}")
