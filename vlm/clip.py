@@ -12,13 +12,13 @@ mean/std}) + model.safetensors.
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import open_clip
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from vlm import hub
@@ -41,10 +41,29 @@ class ClipConfig:
     source: str = ""  # where the architecture came from (preset, open_clip name or tag)
     kind: str = field(default="clip", init=False)  # marks the directory as a CLIP model
 
+    def __post_init__(self):
+        """Refuse values no CLIP can be built from (ValueError naming the field); the
+        normalisation lists that JSON gives become tuples."""
+        cfg = self.model_cfg
+        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(tower), dict) for tower in ("vision_cfg", "text_cfg")):
+            raise ValueError(f"model_cfg must be an object with vision_cfg and text_cfg objects, not {cfg!r:.80}")
+        if not hub.is_count(cfg.get("embed_dim")):
+            raise ValueError(f"model_cfg.embed_dim must be a whole number of at least 1, not {cfg.get('embed_dim')!r}")
+        self.image_mean = _per_channel("image_mean", self.image_mean, positive=False)
+        self.image_std = _per_channel("image_std", self.image_std, positive=True)
+
     @classmethod
     def from_dict(cls, data: dict) -> "ClipConfig":
-        data = {k: v for k, v in data.items() if k != "kind"}
-        return cls(**{**data, "image_mean": tuple(data["image_mean"]), "image_std": tuple(data["image_std"])})
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+
+def _per_channel(name: str, value, *, positive: bool) -> tuple:
+    """Three numbers, one per RGB channel (above 0 if `positive`), as a tuple; else ValueError."""
+    numbers = isinstance(value, (list, tuple)) and len(value) == 3
+    numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or (positive and min(value) <= 0):
+        raise ValueError(f"{name} must be 3 {'positive ' if positive else ''}numbers (R, G, B), not {value!r:.80}")
+    return tuple(value)
 
 
 def preset_names() -> list[str]:
@@ -171,7 +190,8 @@ def load_clip(spec: str) -> Clip:
         config = hub.read_config(directory)
         if config.get("kind") != "clip":
             raise VlmError(f"{spec}: not a CLIP model directory (kind={config.get('kind')!r})")
-        clip = Clip(config=ClipConfig.from_dict(config))
+        with hub.config_errors(directory, "clip"):
+            clip = Clip(config=ClipConfig.from_dict(config))
         hub.load_module(directory, clip.model)
         clip.fingerprint = hub.file_fingerprint(directory / hub.WEIGHTS_FILE)
     return clip.eval()
@@ -220,7 +240,7 @@ def _read_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise VlmError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return hub.read_weights(path)[0]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

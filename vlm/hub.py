@@ -5,6 +5,7 @@ model directory is a Hugging Face one), `model.safetensors`, optional tokenizer 
 `model_card.json` (recipe, command, time, machine, metrics). Weights are never pickled.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vlm.atomic import atomic_path, write_bytes, write_json
@@ -44,7 +45,43 @@ def resolve_dir(spec: str | Path) -> Path | None:
 
 
 def read_config(directory: Path) -> dict:
-    return json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    """The JSON object in the directory's config.json.
+
+    Raises:
+        VlmError: the file is not UTF-8 JSON, or holds something other than an object.
+        OSError: the file cannot be read.
+    """
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise VlmError(f"{path}: not valid JSON ({_first_line(e)}); restore the file from where the model came from") from None
+    if not isinstance(data, dict):
+        raise VlmError(f"{path}: must hold a JSON object, not a {type(data).__name__}; restore the file from where the model came from")
+    return data
+
+
+def is_count(value) -> bool:
+    """A whole number of at least 1 (not a bool): a size, a length, a number of layers."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@contextlib.contextmanager
+def config_errors(directory: Path, kind: str):
+    """Turn what building a model out of its config raises on bad values into one VlmError
+    naming config.json: TypeError (a missing or unknown field, a wrong type), ValueError,
+    KeyError, RuntimeError (torch's answer to an impossible shape) and VlmError (a check of
+    the model's own). Wrap only the building, so other errors keep their own message."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, RuntimeError, VlmError) as e:
+        reason = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else _first_line(e)
+        raise VlmError(f"{Path(directory) / CONFIG_FILE}: not a valid {kind} config ({reason}); fix it or save the model again") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:200]
 
 
 def model_kind(directory: Path) -> str:
@@ -71,18 +108,35 @@ def save_module(directory: Path, module: torch.nn.Module, *, dtype=None) -> None
         save_file(stored, str(tmp), metadata={"aliases": json.dumps(aliases)})
 
 
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file, and the aliases `save_module` recorded
+    (name -> the stored name of the same tensor).
+
+    Raises:
+        VlmError: the file is not a readable safetensors file (random bytes, cut short).
+    """
+    try:
+        with safe_open(str(path), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(path))
+    except (SafetensorError, ValueError) as e:  # ValueError: the aliases are not JSON
+        raise VlmError(f"{path}: not a readable safetensors file ({_first_line(e)}); the copy is damaged, fetch it again") from None
+    if not isinstance(aliases, dict):
+        raise VlmError(f"{path}: not a readable safetensors file (its aliases are not an object); the copy is damaged, fetch it again")
+    return state, aliases
+
+
 def load_module(directory: Path, module: torch.nn.Module) -> None:
     """Load model.safetensors into `module` (as float32).
 
     Raises:
-        VlmError: the file is missing or its tensors do not fit the module.
+        VlmError: the file is missing, not safetensors, or its tensors do not fit the module.
     """
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise VlmError(f"{directory}: missing {WEIGHTS_FILE}")
-    with safe_open(str(path), "pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    state, aliases = read_weights(path)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -115,12 +169,25 @@ def save_model(directory: Path, model: torch.nn.Module, *, dtype=None) -> None:
 
 
 def load_model(cls, config_class, directory: Path):
-    """The model `save_model` wrote, in eval mode."""
+    """The model `save_model` wrote, in eval mode.
+
+    Raises:
+        VlmError: a config the model cannot be built from (naming config.json), or
+            weights that are damaged or do not fit.
+    """
     from transformers import AutoTokenizer
+
+    from vlm.lm import check_max_length
 
     data = read_config(directory)
     data.pop("kind", None)
-    model = cls(config=config_class(**data), tokenizer=AutoTokenizer.from_pretrained(str(directory)))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    with config_errors(directory, config_class.kind):
+        config = config_class(**data)
+        if not is_count(config.max_length):
+            raise ValueError(f"max_length must be a whole number of at least 1, not {config.max_length!r}")
+        model = cls(config=config, tokenizer=tokenizer)
+        check_max_length(model.lm, config.max_length)
     load_module(directory, model)
     return model.eval()
 

@@ -7,6 +7,7 @@ loading.
 """
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -35,13 +36,34 @@ def load_checkpoint(run_dir: Path) -> dict:
     """The verified checkpoint state.
 
     Raises:
-        VlmError: the record or the state file is missing, or their checksums differ.
+        VlmError: the record or the state file is missing, the record is damaged, their
+            checksums differ, or the state holds more than tensors and plain values.
     """
     run_dir = Path(run_dir)
     state_path, record_path = run_dir / STATE_FILE, run_dir / RECORD_FILE
     if not record_path.is_file() or not state_path.is_file():
         raise VlmError(f"{run_dir}: incomplete checkpoint ({STATE_FILE} and {RECORD_FILE} must both exist)")
-    record = json.loads(record_path.read_text())
-    if sha256_file(state_path) != record.get("sha256"):
+    if sha256_file(state_path) != _recorded_sha256(record_path):
         raise VlmError(f"{state_path}: checksum does not match {RECORD_FILE}; the checkpoint is damaged, refusing to load it")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise VlmError(
+            f"{state_path}: holds pickled objects that weights_only loading refuses; "
+            "a vlmstack checkpoint holds only tensors and plain values, so this one was not written by it; start over with another --out"
+        ) from None
+
+
+def _recorded_sha256(record_path: Path) -> str:
+    """The sha256 `save_checkpoint` recorded.
+
+    Raises:
+        VlmError: the record is not JSON or has no sha256.
+    """
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise VlmError(f"{record_path}: damaged (no sha256 of {STATE_FILE}); start over with another --out")
+    return record["sha256"]
