@@ -1,8 +1,15 @@
+import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import torch
 
+from tests.conftest import draw_shape
 from vlm.cli import main
 
 
@@ -93,3 +100,121 @@ def test_index_build_of_webdataset_shards_says_how(tmp_path, capsys):
     webdataset.write_shards([(b"x", "png", "a red circle")], tmp_path / "shards")
     assert main(["index", "build", str(tmp_path / "shards"), "--out", str(tmp_path / "idx")]) == 2
     assert "vlmstack embed" in capsys.readouterr().err
+
+
+def _exit_code(argv) -> int:
+    """main(argv)'s exit code, whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def _one_error_line(err: str) -> str:
+    """The only line of stderr that reports an error (argparse prints its usage lines first)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+NUMERIC_OPTIONS = {
+    "embed --shard-size 0": (["embed", "src", "--out", "o", "--shard-size", "0"], "--shard-size"),
+    "embed --shard-size -1": (["embed", "src", "--out", "o", "--shard-size", "-1"], "--shard-size"),
+    "caption --batch-size 0": (["caption", "dir", "--out", "c.jsonl", "--batch-size", "0"], "--batch-size"),
+    "caption --max-new-tokens 0": (["caption", "dir", "--out", "c.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
+    "caption --max-new-tokens 100000": (["caption", "dir", "--out", "c.jsonl", "--max-new-tokens", "100000"], "--max-new-tokens"),
+    "caption --batch-size x": (["caption", "dir", "--out", "c.jsonl", "--batch-size", "x"], "--batch-size"),
+    "app --port 99999": (["app", "--port", "99999"], "--port"),
+    "app --port 0": (["app", "--port", "0"], "--port"),
+    "search -k 0": (["search", "idx", "query", "-k", "0"], "-k"),
+    "search --min-score 5": (["search", "idx", "query", "--min-score", "5"], "--min-score"),
+    "search --min-score nan": (["search", "idx", "query", "--min-score", "nan"], "--min-score"),
+    "index build --workers -1": (["index", "build", "dir", "--out", "idx", "--workers", "-1"], "--workers"),
+    "index update --batch-size 0": (["index", "update", "idx", "--batch-size", "0"], "--batch-size"),
+    "eval --batch-size 0": (["eval", "clip", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    "eval --limit 0": (["eval", "vqa", "--model", "m", "--data", "d", "--limit", "0"], "--limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMERIC_OPTIONS))
+def test_an_out_of_range_number_is_one_line_naming_the_option_exit_2(case, capsys, tmp_path, monkeypatch):
+    argv, option = NUMERIC_OPTIONS[case]
+    monkeypatch.chdir(tmp_path)  # nothing the command could write lands in the repo
+    assert _exit_code(argv) == 2
+    assert f"argument {option}" in _one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
+def _bad_copy(source, tmp_path, *, config=None, weights=None):
+    directory = tmp_path / "bad-model"
+    shutil.copytree(source, directory)
+    if config is not None:
+        (directory / "config.json").write_text(config)
+    if weights is not None:
+        (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+def _clip_with_embed_dim(source, value):
+    config = json.loads((Path(source) / "config.json").read_text())
+    config["model_cfg"]["embed_dim"] = value
+    return json.dumps(config)
+
+
+BAD_CLIP_DIRECTORIES = {
+    "config []": lambda d: {"config": "[]"},
+    'config {"kind": "clip"}': lambda d: {"config": '{"kind": "clip"}'},
+    "model_cfg a string": lambda d: {"config": '{"kind": "clip", "model_cfg": "ViT-B-32"}'},
+    "negative embed_dim": lambda d: {"config": _clip_with_embed_dim(d, -5)},
+    "random safetensors": lambda d: {"weights": os.urandom(3000)},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLIP_DIRECTORIES))
+def test_eval_clip_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_clip_dir, shapes_dataset, tmp_path, capsys):
+    directory = _bad_copy(tiny_clip_dir, tmp_path, **BAD_CLIP_DIRECTORIES[case](tiny_clip_dir))
+    assert main(["eval", "clip", "--model", str(directory), "--data", str(shapes_dataset)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"vlmstack: error: {directory}/")
+
+
+def _llava_with(source, **changes):
+    config = json.loads((Path(source) / "config.json").read_text())
+    return json.dumps({**config, **changes})
+
+
+BAD_LLAVA_DIRECTORIES = {
+    "config []": lambda d: {"config": "[]"},
+    "no lm": lambda d: {"config": json.dumps({k: v for k, v in json.loads((Path(d) / "config.json").read_text()).items() if k != "lm"})},
+    "max_length negative": lambda d: {"config": _llava_with(d, max_length=-1)},
+    "projector unknown": lambda d: {"config": _llava_with(d, projector="bogus")},
+    "random safetensors": lambda d: {"weights": os.urandom(3000)},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LLAVA_DIRECTORIES))
+def test_eval_vqa_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_llava_dir, tmp_path, capsys):
+    directory = _bad_copy(tiny_llava_dir, tmp_path, **BAD_LLAVA_DIRECTORIES[case](tiny_llava_dir))
+    draw_shape("red", "circle").save(tmp_path / "a.png")
+    (tmp_path / "vqa.jsonl").write_text('{"image": "a.png", "question": "what color is the shape?", "answer": "red"}\n')
+    assert main(["eval", "vqa", "--model", str(directory), "--data", str(tmp_path / "vqa.jsonl")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"vlmstack: error: {directory}/")
+
+
+def test_train_resume_on_a_pickled_checkpoint_is_one_line_exit_2(shapes_dataset, tmp_path, capsys):
+    from vlm.hashing import sha256_file
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({
+        "arch": "clip-tiny", "data": str(shapes_dataset), "val_fraction": 0.0, "augment": None,
+        "train": {"epochs": 1, "batch_size": 12, "workers": 0},
+    }))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "note": argparse.Namespace(pickled=True)}, run / "checkpoint.pt")  # any class pickles
+    (run / "checkpoint.json").write_text(json.dumps({"step": 1, "sha256": sha256_file(run / "checkpoint.pt")}))
+    assert main(["train", "clip", "--recipe", str(recipe), "--out", str(run), "--resume"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "checkpoint.pt: holds pickled objects that weights_only loading refuses" in line
