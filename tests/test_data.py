@@ -6,6 +6,7 @@ import pytest
 from vlm.data import easyvqa
 from vlm.data.files import read_captions, read_vqa
 from vlm.data.folders import find_images
+from vlm.data.mix import EasyVqaMix
 from vlm.data.sources import caption_records, vqa_records
 from vlm.errors import VlmError
 
@@ -165,7 +166,7 @@ def test_lm_corpus_writes_each_image_as_its_caption():
     from vlm.train.lm import corpus
 
     by_caption = {}
-    for document in corpus("easyvqa:train", yes_no_per_image=2)[:2000]:
+    for document in corpus("easyvqa:train", EasyVqaMix(yes_no_per_image=2))[:2000]:
         first_role, first_text = document[0]
         assert first_role == "user" and first_text.startswith("(a ") and "<image>" not in first_text
         caption = first_text[1 : first_text.index(")")]

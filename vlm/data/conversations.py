@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vlm.data import easyvqa
+from vlm.data.mix import EasyVqaMix
 from vlm.data.records import CaptionRecord, VqaRecord
 from vlm.errors import VlmError
 from vlm.lm import IMAGE_TOKEN
@@ -120,25 +121,13 @@ def add_recall_questions(conversations: list[dict], fraction: float, *, attribut
     return conversations
 
 
-def easyvqa_conversations(
-    split: str,
-    *,
-    yes_no_per_image: int = 0,
-    yes_no_negated: float = 0.5,
-    yes_no_skew: float = 0.0,
-    yes_no_skew_attributes=("color", "shape"),
-    recall_questions: float = 0.0,
-    recall_attributes=("color", "shape"),
-    seed: int = 0,
-) -> list[dict]:
+def easyvqa_conversations(split: str, mix: EasyVqaMix | None = None, *, seed: int = 0) -> list[dict]:
     """All of a split's questions as conversations, plus one caption exchange per image,
-    plus `yes_no_per_image` balanced yes/no questions per image, `yes_no_negated` of them
-    in negated forms and those about `yes_no_skew_attributes` tilted by `yes_no_skew`
-    (easyvqa.balanced_yes_no),
-    with `recall_questions` of the yes/no questions about `recall_attributes` followed by
-    add_recall_questions'."""
+    plus the mix's balanced yes/no questions (easyvqa.balanced_yes_no), some of them
+    followed by recall questions (add_recall_questions)."""
+    mix = mix or EasyVqaMix()
     records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(
-        split, yes_no_per_image, negated=yes_no_negated, skew=yes_no_skew, skew_attributes=yes_no_skew_attributes, seed=seed
+        split, mix.yes_no_per_image, negated=mix.yes_no_negated, skew=mix.yes_no_skew, skew_attributes=mix.yes_no_skew_attributes, seed=seed
     )
-    questions = add_recall_questions(vqa_conversations(records, seed=seed), recall_questions, attributes=recall_attributes, seed=seed)
+    questions = add_recall_questions(vqa_conversations(records, seed=seed), mix.recall_questions, attributes=mix.recall_attributes, seed=seed)
     return questions + caption_conversations(easyvqa.caption_records(split), seed=seed)

@@ -21,6 +21,7 @@ from vlm.data.image_text import CollateImageText, ImageTextDataset
 from vlm.data.sources import caption_records
 from vlm.errors import VlmError
 from vlm.eval.clip import evaluate_clip
+from vlm.schema import schema_field
 from vlm.train import distributed
 from vlm.train.objectives import ContrastiveLoss
 from vlm.train.recipes import load_recipe
@@ -40,6 +41,7 @@ class ClipRecipe:
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None = no augmentation
     train: TrainConfig = field(default_factory=TrainConfig)
+    schema_version: int = schema_field()
 
     def __post_init__(self):
         if self.loss not in LOSSES:

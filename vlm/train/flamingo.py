@@ -20,12 +20,14 @@ from vlm.clip import load_clip
 from vlm.data import easyvqa
 from vlm.data.augment import Augment, AugmentConfig
 from vlm.data.interleaved import fewshot_records, pair_records
+from vlm.data.mix import EasyVqaMix
 from vlm.data.sequences import record_images
 from vlm.data.sources import builtin_split, conversation_records
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel, build_flamingo
 from vlm.lm import load_lm
 from vlm.resampler import ResamplerConfig
+from vlm.schema import schema_field
 from vlm.train.recipes import load_recipe
 from vlm.train.splits import held_out
 from vlm.train.trainer import TrainConfig
@@ -46,16 +48,11 @@ class FlamingoRecipe:
     xattn_head_dim: int = 64
     max_length: int = 256  # tokens per sequence (an image is one token)
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
-    yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image
-    yes_no_negated: float = 0.5  # the share of those in negated forms (easyvqa.balanced_yes_no)
-    yes_no_skew: float = 0.0  # per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no), and of "yes" in comparisons
-    yes_no_skew_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which yes/no questions are tilted
-    recall_questions: float = 0.0  # built-in data: fraction of yes/no questions followed by "which color (shape) did I ask about?", and of comparisons by a question about the first image
-    fewshot_sequences: int = 8000  # interleaved few-shot sequences (built-in data only)
-    pair_questions: int = 8000  # two-image comparisons (built-in data only)
+    mix: EasyVqaMix = field(default_factory=lambda: EasyVqaMix(fewshot_sequences=8000, pair_questions=8000))  # built-in data only
     val_fraction: float = 0.02  # images held out for validation
     augment: AugmentConfig | None = None  # training-image augmentation (vlm/data/augment.py); None = none
     train: TrainConfig = field(default_factory=TrainConfig)
+    schema_version: int = schema_field()
 
 
 def freeze_for_flamingo(model: FlamingoModel) -> None:
@@ -72,18 +69,12 @@ def freeze_for_flamingo(model: FlamingoModel) -> None:
 
 
 def training_records(recipe: FlamingoRecipe) -> list[dict]:
-    records = conversation_records(
-        recipe.data,
-        yes_no_per_image=recipe.yes_no_per_image,
-        yes_no_negated=recipe.yes_no_negated,
-        yes_no_skew=recipe.yes_no_skew,
-        yes_no_skew_attributes=recipe.yes_no_skew_attributes,
-        recall_questions=recipe.recall_questions,
-    )
+    mix = recipe.mix
+    records = conversation_records(recipe.data, mix=mix)
     split = builtin_split(recipe.data)
     if split:
-        records += fewshot_records(easyvqa.vqa_records(split), recipe.fewshot_sequences, seed=1)
-        records += pair_records(list(easyvqa.images(split)), recipe.pair_questions, recall=recipe.recall_questions, skew=recipe.yes_no_skew, seed=2)
+        records += fewshot_records(easyvqa.vqa_records(split), mix.fewshot_sequences, seed=1)
+        records += pair_records(list(easyvqa.images(split)), mix.pair_questions, recall=mix.recall_questions, skew=mix.yes_no_skew, seed=2)
     return records
 
 

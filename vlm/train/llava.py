@@ -17,10 +17,12 @@ import torch
 
 from vlm import hub
 from vlm.clip import load_clip
+from vlm.data.mix import EasyVqaMix
 from vlm.data.sources import conversation_records
 from vlm.errors import VlmError
-from vlm.lm import load_lm
 from vlm.llava import LlavaModel, build_llava
+from vlm.lm import load_lm
+from vlm.schema import schema_field
 from vlm.train.recipes import load_recipe
 from vlm.train.splits import split_by_image
 from vlm.train.trainer import TrainConfig
@@ -34,12 +36,7 @@ STAGES = ("all", "1", "2")
 @dataclass
 class StageRecipe:
     data: str = "easyvqa:train"  # built-in split, caption file (stage 1) or LLaVA JSON (stage 2)
-    yes_no_per_image: int = 0  # stage 2, built-in data: extra balanced yes/no questions per image
-    yes_no_negated: float = 0.5  # stage 2: the share of those in negated forms (easyvqa.balanced_yes_no)
-    yes_no_skew: float = 0.0  # stage 2: per-value tilt of how often the asked value is shown (easyvqa.balanced_yes_no)
-    yes_no_skew_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which questions are tilted
-    recall_questions: float = 0.0  # stage 2, built-in data: fraction of colour/shape yes/no questions followed by "which color (shape) did I ask about?"
-    recall_attributes: list[str] = field(default_factory=lambda: ["color", "shape"])  # which of the two get recall questions
+    mix: EasyVqaMix = field(default_factory=EasyVqaMix)  # stage 2, built-in data: yes/no and recall questions added
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -53,6 +50,7 @@ class LlavaRecipe:
     val_fraction: float = 0.02  # images held out of the training data for validation loss
     stage1: StageRecipe = field(default_factory=StageRecipe)  # captions; projector only
     stage2: StageRecipe = field(default_factory=StageRecipe)  # conversations; projector + LM
+    schema_version: int = schema_field()
 
 
 def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume: bool = False, init: str | None = None) -> dict:
@@ -94,16 +92,7 @@ def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage:
     stage_recipe = recipe.stage1 if stage == 1 else recipe.stage2
     freeze_for_stage(model, stage)
     kind = "captions" if stage == 1 else "conversations"
-    records = conversation_records(
-        stage_recipe.data,
-        kind=kind,
-        yes_no_per_image=stage_recipe.yes_no_per_image,
-        yes_no_negated=stage_recipe.yes_no_negated,
-        yes_no_skew=stage_recipe.yes_no_skew,
-        yes_no_skew_attributes=stage_recipe.yes_no_skew_attributes,
-        recall_questions=stage_recipe.recall_questions,
-        recall_attributes=stage_recipe.recall_attributes,
-    )
+    records = conversation_records(stage_recipe.data, kind=kind, mix=stage_recipe.mix)
     train_records, val_records = split_by_image(records, recipe.val_fraction)
     card = {"kind": "llava", "stage": stage, "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
     return train_stage(model, records=train_records, val_records=val_records, config=stage_recipe.train, run_dir=run_dir, resume=resume, card=card)

@@ -18,10 +18,12 @@ from vlm import hub
 from vlm.conversation import ROLES, encode_conversation, from_llava, start_ids
 from vlm.data import easyvqa
 from vlm.data.conversations import easyvqa_conversations
+from vlm.data.mix import EasyVqaMix
 from vlm.data.sequences import CollateSequences, TokenDataset
 from vlm.data.sources import builtin_split
 from vlm.errors import VlmError
 from vlm.lm import IMAGE_TOKEN, TinyLmConfig, build_tiny_lm, load_lm, train_tokenizer
+from vlm.schema import schema_field
 from vlm.train import distributed
 from vlm.train.objectives import LanguageModelLoss
 from vlm.train.recipes import load_recipe
@@ -33,17 +35,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class LmRecipe:
     data: str = "easyvqa:train"  # built-in split (its conversations, each image written as its caption) or a .txt file, one document per line
-    yes_no_per_image: int = 0  # built-in data: extra balanced yes/no questions per image (easyvqa.balanced_yes_no)
-    yes_no_negated: float = 0.5  # the share of those in negated forms
-    yes_no_skew: float = 0.0  # per-value tilt of how often the asked value is shown
+    mix: EasyVqaMix = field(default_factory=EasyVqaMix)  # built-in data: yes/no and recall questions added (not its Flamingo fields)
     init: str | None = None  # continue training this LM (directory or hub id) instead of a new tiny one
     model: TinyLmConfig = field(default_factory=TinyLmConfig)  # the tiny LM (ignored with init)
     max_length: int = 256  # tokens per training sequence; longer documents are cut
     val_fraction: float = 0.02  # documents held out for the validation loss
     train: TrainConfig = field(default_factory=TrainConfig)
+    schema_version: int = schema_field()
 
 
-def corpus(spec: str, *, yes_no_per_image: int = 0, yes_no_negated: float = 0.5, yes_no_skew: float = 0.0) -> list[list[tuple[str, str]] | str]:
+def corpus(spec: str, mix: EasyVqaMix | None = None) -> list[list[tuple[str, str]] | str]:
     """Documents: chat conversations (turns) for a built-in split, lines of a .txt file.
 
     In a built-in split's conversations each image is written as its caption, "(a red
@@ -58,7 +59,7 @@ def corpus(spec: str, *, yes_no_per_image: int = 0, yes_no_negated: float = 0.5,
         captions = {image.path: image.caption for image in easyvqa.images(split)}
         return [
             [(role, text.replace(IMAGE_TOKEN, f"({captions[r['image']]})")) for role, text in from_llava(r)]
-            for r in easyvqa_conversations(split, yes_no_per_image=yes_no_per_image, yes_no_negated=yes_no_negated, yes_no_skew=yes_no_skew)
+            for r in easyvqa_conversations(split, mix)
         ]
     path = Path(spec)
     if path.suffix != ".txt" or not path.is_file():
@@ -85,7 +86,7 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     recipe, recipe_json = load_recipe(LmRecipe, recipe_spec, "lm")
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
-    documents = corpus(recipe.data, yes_no_per_image=recipe.yes_no_per_image, yes_no_negated=recipe.yes_no_negated, yes_no_skew=recipe.yes_no_skew)
+    documents = corpus(recipe.data, recipe.mix)
     if recipe.init:
         model, tokenizer = load_lm(recipe.init)
     else:

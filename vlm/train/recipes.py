@@ -1,15 +1,22 @@
 """Training recipes: a dataclass per model kind, filled from a named JSON file in
-vlm/recipes/ or from a user's JSON file. Unknown keys are errors, not silently ignored."""
+vlm/recipes/ or from a user's JSON file. Unknown keys are errors, not silently ignored.
+
+A recipe carries "schema_version" (vlm/schema.py). Version 1 recipes, written before it,
+had the easy-VQA data mix as loose keys ("yes_no_per_image": 12, ...); they are read by
+nesting those keys under "mix" (vlm/data/mix.py), where version 2 has them.
+"""
 
 import dataclasses
 import json
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from vlm.data.mix import EasyVqaMix
 from vlm.errors import VlmError
+from vlm.schema import from_dict
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+MIX_KEYS = {f.name for f in dataclasses.fields(EasyVqaMix)}
 T = TypeVar("T")
 
 
@@ -21,7 +28,8 @@ def load_recipe(cls: type[T], spec: str, kind: str) -> tuple[T, dict]:
     """(recipe, its JSON as a dict) for a recipe name (vlm/recipes/NAME.json) or a file.
 
     Raises:
-        VlmError: unknown name, unreadable file, or keys the recipe does not have.
+        VlmError: unknown name, unreadable file, an unknown schema version, or keys the
+            recipe does not have.
     """
     path = RECIPES_DIR / f"{spec}.json"
     if not path.is_file():
@@ -32,27 +40,13 @@ def load_recipe(cls: type[T], spec: str, kind: str) -> tuple[T, dict]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise VlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and "schema_version" not in data:
+        data = nest_mix(data)
     return from_dict(cls, data, str(path)), data
 
 
-def from_dict(cls: type[T], data: dict, where: str) -> T:
-    """Build a (nested) dataclass from a dict, rejecting unknown keys."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise VlmError(f"{where}: unknown recipe keys {sorted(unknown)}; known: {sorted(fields)}")
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        field_type = _dataclass_in(fields[name].type)
-        if field_type is not None and isinstance(value, dict):
-            value = from_dict(field_type, value, f"{where} [{name}]")
-        values[name] = value
-    return cls(**values)
-
-
-def _dataclass_in(annotation) -> type | None:
-    """The dataclass in an annotation such as `AugmentConfig` or `AugmentConfig | None`."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+def nest_mix(data: dict) -> dict:
+    """A version 1 recipe with its loose mix keys (at the top or in a stage) under "mix"."""
+    nested = {k: nest_mix(v) if isinstance(v, dict) and k.startswith("stage") else v for k, v in data.items() if k not in MIX_KEYS}
+    mix = {k: v for k, v in data.items() if k in MIX_KEYS}
+    return {**nested, "mix": mix} if mix else nested
