@@ -11,7 +11,6 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -159,37 +158,6 @@ def save_pretrained(obj, directory: Path, **options) -> None:
         obj.save_pretrained(tmp, **options)
         for path in Path(tmp).iterdir():
             os.replace(path, directory / path.name)
-
-
-def save_model(directory: Path, model: torch.nn.Module, *, dtype=None) -> None:
-    """A visual LM (`config` dataclass, `tokenizer`, weights) as a model directory."""
-    save_config(directory, asdict(model.config))
-    save_pretrained(model.tokenizer, directory)
-    save_module(directory, model, dtype=dtype)
-
-
-def load_model(cls, config_class, directory: Path):
-    """The model `save_model` wrote, in eval mode.
-
-    Raises:
-        VlmError: a config the model cannot be built from (naming config.json), or
-            weights that are damaged or do not fit.
-    """
-    from transformers import AutoTokenizer
-
-    from vlm.lm import check_max_length
-
-    data = read_config(directory)
-    data.pop("kind", None)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    with config_errors(directory, config_class.kind):
-        config = config_class(**data)
-        if not is_count(config.max_length):
-            raise ValueError(f"max_length must be a whole number of at least 1, not {config.max_length!r}")
-        model = cls(config=config, tokenizer=tokenizer)
-        check_max_length(model.lm, config.max_length)
-    load_module(directory, model)
-    return model.eval()
 
 
 def file_fingerprint(path: Path) -> str:
