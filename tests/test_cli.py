@@ -193,13 +193,8 @@ BAD_LLAVA_DIRECTORIES = {
 }
 
 
-MAX_LENGTH_UNCHECKED = pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 #9: VisionLanguageModel.load (vlm/vision_language.py) loads a negative max_length without complaint",
-)
 
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=MAX_LENGTH_UNCHECKED) if c == "max_length negative" else c for c in BAD_LLAVA_DIRECTORIES])
+@pytest.mark.parametrize("case", list(BAD_LLAVA_DIRECTORIES))
 def test_eval_vqa_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_llava_dir, tmp_path, capsys):
     directory = _bad_copy(tiny_llava_dir, tmp_path, **BAD_LLAVA_DIRECTORIES[case](tiny_llava_dir))
     draw_shape("red", "circle").save(tmp_path / "a.png")

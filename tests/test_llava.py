@@ -254,3 +254,8 @@ def test_one_call_with_more_images_than_the_feature_cache_holds(tiny_llava, monk
     features = tiny_llava.image_features(images)
     assert len(features) == 4 and len(tiny_llava._feature_cache) == 2
     assert torch.equal(features[0], tiny_llava.image_features(images[:1])[0])  # recomputed after eviction, same values
+
+
+def test_max_new_tokens_that_fill_the_context_are_refused_by_name(tiny_llava):
+    with pytest.raises(ValueError, match="max_new_tokens 500 leaves no room"):
+        tiny_llava.answer(None, "what color?", max_new_tokens=500)

@@ -62,13 +62,15 @@ class ChatMixin:
         """Check placeholders against images; drop the oldest turns until the prompt fits.
 
         Raises:
-            ValueError: the number of <image> placeholders differs from len(images), or
-                even the last turn alone does not fit.
+            ValueError: the number of <image> placeholders differs from len(images),
+                max_new_tokens fills the context, or even the last turn alone does not fit.
         """
         placeholders = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
         if placeholders != len(images):
             raise ValueError(f"the conversation has {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images were given")
         budget = self.max_length - max_new_tokens
+        if budget < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the question in the model's {self.max_length}-token context; ask for fewer")
         dropped = 0
         while True:
             length = len(encode_conversation(self.tokenizer, turns, generation_prompt=True).ids)

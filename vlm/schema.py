@@ -53,7 +53,10 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     missing = [f.name for f in fields.values() if f.init and f.name not in values and _required(f)]
     if missing:
         raise VlmError(f"{where}: missing {', '.join(missing)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__)
+        raise VlmError(f"{where}: {e}") from None
 
 
 def _required(field: dataclasses.Field) -> bool:

@@ -28,7 +28,7 @@ from vlm.chat import ChatMixin
 from vlm.conversation import Encoded
 from vlm.errors import VlmError
 from vlm.generation import Prompt, left_pad
-from vlm.lm import add_media_tokens, lm_from_config
+from vlm.lm import add_media_tokens, check_max_length, lm_from_config
 from vlm.schema import from_dict
 from vlm.vision import VisionTower
 
@@ -116,8 +116,12 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         config = from_dict(cls.config_class, hub.read_config(directory), str(directory / hub.CONFIG_FILE))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise VlmError(f"{directory}: cannot read the tokenizer files ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        with hub.config_errors(directory, config.kind):
+            if not hub.is_count(config.max_length):
+                raise ValueError(f"max_length must be a whole number of at least 1, not {config.max_length!r}")
             model = cls(config=config, tokenizer=tokenizer)
-        except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-            raise VlmError(f"{directory}: cannot build the model from its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            check_max_length(model.lm, config.max_length)
         hub.load_module(directory, model)
         return model.eval()
