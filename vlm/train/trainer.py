@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from vlm.progress import progress_bar
 
 from vlm.errors import VlmError
+from vlm.progress import progress_bar
 from vlm.train import checkpoint, distributed
 from vlm.train.curves import CsvLog, plot_curves
 
