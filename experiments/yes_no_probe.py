@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from benchmarks.common import write_report
-from vlm.conversation import encode_conversation
+from vlm.chat_template import encode_conversation
 from vlm.data import easyvqa
 from vlm.data.records import VqaRecord
 from vlm.data.sequences import pad_right

@@ -181,7 +181,7 @@ def test_lm_corpus_writes_each_image_as_its_caption():
 
 
 def test_lm_tokenizer_learns_the_role_markers_the_conversation_template_writes():
-    from vlm.conversation import ROLES
+    from vlm.chat_template import ROLES
     from vlm.lm import train_tokenizer
     from vlm.train.lm import _render, corpus
 

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from vlm.conversation import IGNORE_INDEX, encode_fewshot
+from vlm.chat_template import IGNORE_INDEX, encode_fewshot
 from vlm.data import easyvqa
 from vlm.data.interleaved import pair_records
 from vlm.errors import VlmError

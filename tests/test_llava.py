@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from vlm.conversation import IGNORE_INDEX
+from vlm.chat_template import IGNORE_INDEX
 from vlm.errors import VlmError
 from vlm.generation import GenerationConfig, generate
 from vlm.llava import LlavaModel, build_llava
@@ -61,7 +61,7 @@ def test_labels_cover_only_the_answers(tiny_llava):
 def test_conversations_start_with_bos_only_for_tokenizers_that_add_it(tiny_lm_and_tokenizer):
     from tokenizers import processors
 
-    from vlm.conversation import encode_conversation
+    from vlm.chat_template import encode_conversation
 
     _, ours = tiny_lm_and_tokenizer
     turns = [("user", "what color?"), ("assistant", "red")]

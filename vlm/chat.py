@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vlm.conversation import encode_conversation, encode_fewshot
+from vlm.chat_template import encode_conversation, encode_fewshot
 from vlm.generation import GenerationConfig, generate
 from vlm.images import ImageSource
 from vlm.lm import CHUNK_END, IMAGE_TOKEN

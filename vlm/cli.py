@@ -94,9 +94,7 @@ def _eval(args) -> None:
 
 
 def _index(args) -> None:
-    from retrieval import build_index, update_index
-
-    from retrieval import shards
+    from retrieval import build_index, shards, update_index
 
     if args.action == "build" and shards.is_embeddings(args.folder):
         if args.model or args.engine != "local":
@@ -169,7 +167,7 @@ def _app(args) -> None:
 
 
 def _ship(args) -> None:
-    from vlm.hub import ship
+    from vlm.ship import ship
 
     print(ship(args.directory, args.name))
 

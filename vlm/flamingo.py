@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlm.conversation import Encoded
+from vlm.chat_template import Encoded
 from vlm.generation import Prompt
 from vlm.lm import IMAGE_TOKEN, check_max_length, decoder_layers
 from vlm.resampler import PerceiverResampler, ResamplerConfig

@@ -1,4 +1,5 @@
-"""Model directories: shipped names -> folders, and the files every model directory holds.
+"""Model directories: shipped names -> folders, the files every model directory holds,
+and model cards.
 
 A model is a directory: `config.json` (with a "kind": clip, llava or flamingo; a language
 model directory is a Hugging Face one), `model.safetensors`, optional tokenizer files and
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vlm.atomic import atomic_path, write_bytes, write_json
+from vlm.atomic import atomic_path, write_json
 from vlm.errors import VlmError
 from vlm.hashing import sha256_file
 
@@ -183,6 +184,21 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+def write_run_card(directory: Path, *, model: torch.nn.Module, train_seconds: float, validation: dict, **fields) -> dict:
+    """The card of a finished training run: `fields` (kind, recipe, ...) plus what every
+    trainer records: the command, training time, parameter counts, machine and validation."""
+    return update_card(
+        directory,
+        **fields,
+        command=command_line(),
+        train_seconds=round(train_seconds, 1),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        parameters=sum(p.numel() for p in model.parameters()),
+        machine=machine_info(),
+        validation=validation,
+    )
+
+
 def update_card(directory: Path, **fields) -> dict:
     """Merge fields into model_card.json (created if missing) and return the card."""
     path = Path(directory) / CARD_FILE
@@ -190,19 +206,3 @@ def update_card(directory: Path, **fields) -> dict:
     card.update(fields)
     write_json(path, card)
     return card
-
-
-def ship(run_dir: str | Path, name: str) -> Path:
-    """Copy a trained model directory into the package as shipped model `name`, with
-    fp16 weights (half the bytes in git; loaders upcast to fp32)."""
-    run_dir, target = Path(run_dir), WEIGHTS_DIR / name
-    target.mkdir(parents=True, exist_ok=True)
-    for extra in run_dir.iterdir():
-        if extra.is_file() and (extra.suffix == ".json" or extra.name.startswith("tokenizer")) and not extra.name.startswith("checkpoint"):
-            write_bytes(target / extra.name, extra.read_bytes())
-    with safe_open(str(run_dir / WEIGHTS_FILE), "pt") as f:
-        metadata = f.metadata()
-    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(run_dir / WEIGHTS_FILE)).items()}
-    with atomic_path(target / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return target

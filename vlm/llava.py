@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlm.conversation import IGNORE_INDEX, Encoded
+from vlm.chat_template import IGNORE_INDEX, Encoded
 from vlm.generation import Prompt
 from vlm.lm import IMAGE_TOKEN, check_max_length
 from vlm.projector import build_projector

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from vlm import hub
 from vlm.chat import ChatMixin
-from vlm.conversation import Encoded
+from vlm.chat_template import Encoded
 from vlm.errors import VlmError
 from vlm.generation import Prompt, left_pad
 from vlm.lm import add_media_tokens, check_max_length, lm_from_config

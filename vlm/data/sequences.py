@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from vlm.conversation import IGNORE_INDEX, encode_fewshot, from_llava
+from vlm.chat_template import IGNORE_INDEX, encode_fewshot, from_llava
 from vlm.data.image_text import Skipped, split_skipped
 from vlm.errors import ImageError, VlmError
 from vlm.images import ImageTransform, load_image

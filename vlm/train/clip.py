@@ -89,16 +89,9 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
     if not distributed.is_main():
         return metrics
     clip.save(out)
-    hub.update_card(
-        out,
-        kind="clip",
-        recipe=recipe_json,
-        resolved_recipe=asdict(recipe),
-        command=hub.command_line(),
-        train_seconds=round(trainer.train_seconds, 1),
-        wall_seconds_this_run=round(time.time() - started, 1),
-        skipped_images=trainer.skipped,
-        machine=hub.machine_info(),
-        validation=metrics,
+    hub.write_run_card(
+        out, model=clip, train_seconds=trainer.train_seconds, validation=metrics,
+        kind="clip", recipe=recipe_json, resolved_recipe=asdict(recipe),
+        wall_seconds_this_run=round(time.time() - started, 1), skipped_images=trainer.skipped,
     )
     return metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlm import hub
-from vlm.conversation import ROLES, encode_conversation, from_llava, start_ids
+from vlm.chat_template import ROLES, encode_conversation, from_llava, start_ids
 from vlm.data import easyvqa
 from vlm.data.conversations import easyvqa_conversations
 from vlm.data.mix import EasyVqaMix
@@ -124,15 +124,8 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
         return metrics
     hub.save_pretrained(model, out)  # safetensors: transformers' only format since v5
     hub.save_pretrained(tokenizer, out)
-    hub.update_card(
-        out,
-        kind="lm",
-        recipe=recipe_json,
-        resolved_recipe=asdict(recipe),
-        command=hub.command_line(),
-        train_seconds=round(trainer.train_seconds, 1),
-        parameters=sum(p.numel() for p in model.parameters()),
-        machine=hub.machine_info(),
-        validation=metrics,
+    hub.write_run_card(
+        out, model=model, train_seconds=trainer.train_seconds, validation=metrics,
+        kind="lm", recipe=recipe_json, resolved_recipe=asdict(recipe),
     )
     return metrics

@@ -4,7 +4,7 @@ can wrap them. They own no parameters of their own; they borrow the model's."""
 import torch
 from torch import nn
 
-from vlm.conversation import IGNORE_INDEX
+from vlm.chat_template import IGNORE_INDEX
 from vlm.losses import clip_loss, dedupe_texts, siglip_loss
 from vlm.train import distributed
 

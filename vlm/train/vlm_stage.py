@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from vlm import hub
-from vlm.conversation import IGNORE_INDEX
+from vlm.chat_template import IGNORE_INDEX
 from vlm.data.sequences import CollateSequences, ConversationDataset, encode_records
 from vlm.train import distributed
 from vlm.train.objectives import LanguageModelLoss
@@ -87,13 +87,4 @@ def train_stage(
 
 def _save(model, run_dir: Path, trainer: Trainer, card: dict, metrics: dict) -> None:
     model.save(run_dir)
-    hub.update_card(
-        run_dir,
-        **card,
-        command=hub.command_line(),
-        train_seconds=round(trainer.train_seconds, 1),
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        parameters=sum(p.numel() for p in model.parameters()),
-        machine=hub.machine_info(),
-        validation=metrics,
-    )
+    hub.write_run_card(run_dir, model=model, train_seconds=trainer.train_seconds, validation=metrics, **card)
