@@ -13,9 +13,7 @@ end; the rest go on. One run at a time writes an output: a second run on the sam
 (or, for txt, the same folder) stops at once with one line.
 """
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
 import logging
@@ -31,6 +29,7 @@ from vlm.data.folders import find_images
 from vlm.data.webdataset import TarMember
 from vlm.errors import ImageError, VlmError
 from vlm.images import load_image
+from vlm.locks import only_writer
 from vlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -120,23 +119,6 @@ def _inputs(source: Path, *, recursive: bool) -> tuple[list, list[str]]:
     if not found.images and not found.skipped:
         raise VlmError(f"{source}: no images found{'' if recursive else ' (add --recursive to look in subfolders)'}")
     return found.images, found.skipped
-
-
-@contextlib.contextmanager
-def _only_writer(lock_file: Path, target: Path):
-    """Hold an exclusive lock on `lock_file` for the block; another run holding it makes
-    this one fail at once rather than write every caption a second time.
-
-    Raises:
-        VlmError: another run holds the lock.
-    """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("a") as handle:  # the lock goes with the file when this process ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VlmError(f"{target}: another run is writing it; wait for that run to end, or write elsewhere") from None
-        yield
 
 
 def _lock_file(source: Path, out: str | Path | None, fmt: str) -> tuple[Path, Path]:
@@ -246,7 +228,8 @@ def caption_folder(
         _refuse_shared_txt(images)
     if engine == "ray" and not isinstance(model, str):
         raise VlmError("the ray engine needs the model's name or directory, which each actor loads")
-    with _only_writer(*_lock_file(source, out, fmt)):
+    lock_file, target = _lock_file(source, out, fmt)
+    with only_writer(lock_file, busy=f"{target}: another run is writing it; wait for that run to end, or write elsewhere"):
         if engine == "local":
             model = _local_model(model, max_new_tokens)  # before --overwrite removes anything
         report = CaptionReport(failed=list(skipped))

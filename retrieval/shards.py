@@ -32,11 +32,13 @@ from vlm.clip import load_clip
 from vlm.data import webdataset
 from vlm.embedding import embed_images
 from vlm.errors import ImageError, VlmError
+from vlm.locks import only_writer
 from vlm.progress import progress_bar
 from vlm.schema import from_dict
 
 log = logging.getLogger(__name__)
 MANIFEST = "embeddings.json"
+LOCK = ".writer.lock"  # held by the one process writing the folder (vlm/locks.py)
 
 
 @dataclass
@@ -131,8 +133,9 @@ def embed_to_shards(
     decoded. Folder entries that are not readable files are named in the report.
 
     Raises:
-        VlmError: `shard_size` below 1, no images, or `out` holds another source's or
-            model's embeddings (or a damaged embeddings.json).
+        VlmError: `shard_size` below 1, no images, `out` holds another source's or
+            model's embeddings (or a damaged embeddings.json) or files that are not
+            embeddings, or another process is writing it.
     """
     if shard_size < 1:
         raise VlmError(f"shard_size must be at least 1, got {shard_size}")
@@ -147,43 +150,46 @@ def embed_to_shards(
         if before != asdict(manifest):
             changed = ", ".join(k for k in before if before[k] != asdict(manifest)[k])
             raise VlmError(f"{out} holds other embeddings (different {changed}); use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MANIFEST, asdict(manifest))
-    report = EmbedReport(shards=-(-len(items) // shard_size), failed=list(listing.skipped))
-    pending = [n for n in range(report.shards) if not (out / f"{_shard_name(n)}.npy").exists()]
-    report.resumed_shards = report.shards - len(pending)
-    chunks = [items[n * shard_size : (n + 1) * shard_size] for n in pending]
-    to_hash = [item for chunk in chunks for item in chunk]
-    hashed = iter([_hash(item) for item in progress_bar(to_hash, desc="hashing", unit="file", disable=not progress or len(to_hash) < 1000)])
-    hashes = [[next(hashed) for _ in chunk] for chunk in chunks]  # per chunk: (sha256, error) per item
-    readable = [[item for item, (_, error) in zip(chunk, h) if error is None] for chunk, h in zip(chunks, hashes)]
-    if engine == "ray":
-        from vlm import ray_engine
+    if before is None and out.is_dir() and any(entry.name != LOCK for entry in out.iterdir()):
+        raise VlmError(f"{out} is not empty and not an embeddings folder; choose an empty or new --out")
+    with only_writer(out / LOCK, busy=f"another vlmstack is writing {out}; wait for it to finish"):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST, asdict(manifest))
+        report = EmbedReport(shards=-(-len(items) // shard_size), failed=list(listing.skipped))
+        pending = [n for n in range(report.shards) if not (out / f"{_shard_name(n)}.npy").exists()]
+        report.resumed_shards = report.shards - len(pending)
+        chunks = [items[n * shard_size : (n + 1) * shard_size] for n in pending]
+        to_hash = [item for chunk in chunks for item in chunk]
+        hashed = iter([_hash(item) for item in progress_bar(to_hash, desc="hashing", unit="file", disable=not progress or len(to_hash) < 1000)])
+        hashes = [[next(hashed) for _ in chunk] for chunk in chunks]  # per chunk: (sha256, error) per item
+        readable = [[item for item, (_, error) in zip(chunk, h) if error is None] for chunk, h in zip(chunks, hashes)]
+        if engine == "ray":
+            from vlm import ray_engine
 
-        images = [item.image for chunk in readable for item in chunk]
-        results = ray_engine.embed_stream(model, images, batch_size=batch_size, workers=workers, address=ray_address, progress=False)
-    elif engine == "local":
-        results = _local_stream(clip, readable, batch_size=batch_size, workers=workers)
-    else:
-        raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
-    with progress_bar(total=len(items), initial=len(items) - len(to_hash), desc="embedding", unit="img", disable=not progress) as bar:
-        for number, chunk, chunk_hashes in zip(pending, chunks, hashes):
-            rows, vectors = [], []
-            for item, (digest, error) in zip(chunk, chunk_hashes):
-                row = {"path": item.path, "mtime": item.mtime, "size": item.size}
-                if error is None:  # readable items come out of `results` in order
-                    _, vector, error = next(results)
-                if error:
-                    row["error"] = error
-                    report.failed.append(error)
-                else:
-                    row["sha256"] = digest
-                    vectors.append(vector)
-                rows.append(json.dumps(row, ensure_ascii=False))
-                bar.update(1)
-            _write_shard(out, number, rows, np.asarray(vectors, np.float32).reshape(-1, clip.embed_dim))
-            report.embedded += len(vectors)
-    return report
+            images = [item.image for chunk in readable for item in chunk]
+            results = ray_engine.embed_stream(model, images, batch_size=batch_size, workers=workers, address=ray_address, progress=False)
+        elif engine == "local":
+            results = _local_stream(clip, readable, batch_size=batch_size, workers=workers)
+        else:
+            raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
+        with progress_bar(total=len(items), initial=len(items) - len(to_hash), desc="embedding", unit="img", disable=not progress) as bar:
+            for number, chunk, chunk_hashes in zip(pending, chunks, hashes):
+                rows, vectors = [], []
+                for item, (digest, error) in zip(chunk, chunk_hashes):
+                    row = {"path": item.path, "mtime": item.mtime, "size": item.size}
+                    if error is None:  # readable items come out of `results` in order
+                        _, vector, error = next(results)
+                    if error:
+                        row["error"] = error
+                        report.failed.append(error)
+                    else:
+                        row["sha256"] = digest
+                        vectors.append(vector)
+                    rows.append(json.dumps(row, ensure_ascii=False))
+                    bar.update(1)
+                _write_shard(out, number, rows, np.asarray(vectors, np.float32).reshape(-1, clip.embed_dim))
+                report.embedded += len(vectors)
+        return report
 
 
 def _local_stream(clip, chunks: list[list[Item]], *, batch_size: int, workers: int):

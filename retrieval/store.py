@@ -21,7 +21,6 @@ store, the vectors) is checked where it is read: a damaged index is a one-line V
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from retrieval.spec import MAX_SEARCH_BREADTH, SEARCH_PARAMETERS
 from vlm.atomic import write_json
 from vlm.data.folders import printable
 from vlm.errors import VlmError
+from vlm.locks import only_writer
 from vlm.schema import from_dict
 
 FORMAT_VERSION = 1
@@ -189,23 +189,13 @@ def read_data(index_dir: Path, manifest: Manifest) -> IndexData:
     return IndexData(vectors, hashes, files)
 
 
-@contextlib.contextmanager
-def writer_lock(index_dir: Path) -> Iterator[None]:
-    """Hold the index's writer lock while the block runs. The lock is an flock on
-    INDEX/.writer.lock, so a writer that dies (even by kill -9) releases it.
+def writer_lock(index_dir: Path):
+    """The index's writer lock (vlm/locks.py) on INDEX/.writer.lock, held while a block runs.
 
     Raises:
         VlmError: at once, when another process holds the lock.
     """
-    fd = os.open(Path(index_dir) / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VlmError(f"another vlmstack is writing {index_dir}; wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return only_writer(Path(index_dir) / LOCK, busy=f"another vlmstack is writing {index_dir}; wait for it to finish")
 
 
 @contextlib.contextmanager

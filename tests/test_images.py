@@ -1,4 +1,6 @@
 import io
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -92,3 +94,20 @@ def test_transform_gives_model_input_size(size):
 def test_same_size_is_untouched():
     image = Image.new("RGB", (64, 64), (1, 2, 3))
     assert resize_and_crop(image, 64) is image
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+
+    def blocked(signum, frame):
+        pytest.fail("load_image blocked on a FIFO", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -211,8 +211,8 @@ def test_a_build_that_crashed_before_its_manifest_can_be_run_again(hazards, tmp_
 
 
 @contextlib.contextmanager
-def _held(index: Path):
-    with open(index / store.LOCK, "a") as f:
+def _held(folder: Path, lock: str = store.LOCK):
+    with open(folder / lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
 
@@ -381,3 +381,18 @@ def test_embed_refuses_a_shard_size_below_one(shard_size, tmp_path, tiny_clip_di
         shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=shard_size, workers=0, progress=False)
     assert not (tmp_path / "emb").exists()
 
+
+
+def test_embed_refuses_a_folder_of_the_users_and_a_second_writer(hazards, tmp_path, tiny_clip_dir):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "00000.jsonl").write_text("my own file\n")
+    with pytest.raises(VlmError, match="not empty and not an embeddings folder"):
+        shards.embed_to_shards(hazards, mine, model=tiny_clip_dir, workers=0, progress=False)
+    assert (mine / "00000.jsonl").read_text() == "my own file\n" and sorted(p.name for p in mine.iterdir()) == ["00000.jsonl"]
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    with _held(emb, shards.LOCK):
+        with pytest.raises(VlmError, match=f"another vlmstack is writing {emb}"):
+            shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False)
+    assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(GOOD)

@@ -5,10 +5,13 @@ through `load_image`, and turns them into model input with `to_tensor`, so a pic
 the same to every model whichever path it came by.
 """
 
+import contextlib
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,6 +49,29 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
             source = source.read_bytes()
         except OSError as e:
             raise ImageError(f"{name}: cannot read ({e})") from None
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (str, Path)):
+            source = stack.enter_context(_open_regular_file(source, name))
+        return _decode(source, name, max_pixels)
+
+
+@contextlib.contextmanager
+def _open_regular_file(path: str | Path, name: str) -> Iterator[BinaryIO]:
+    """The file at `path` opened for reading, refused unless it is a regular file: a FIFO
+    put where an image was would block the read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e.strerror})") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"{name}: not a regular file (a FIFO, socket or device)")
+        yield f
+
+
+def _decode(source, name: str, max_pixels: int) -> Image.Image:
     try:
         if isinstance(source, Image.Image):
             image = source
