@@ -166,7 +166,9 @@ def _refuse_shared_txt(images: list[Path]) -> None:
     for image in images:
         other = seen.setdefault(image.with_suffix(".txt"), image)
         if other != image:
-            raise VlmError(f"{other} and {image} would both write {image.with_suffix('.txt')}; use --format jsonl or csv")
+            raise VlmError(
+                f"{other} and {image} would both write {image.with_suffix('.txt')}; use --format jsonl or csv"
+            )
 
 
 def _local_captions(model, images: list, *, prompt: str, batch_size: int, max_new_tokens: int):
@@ -179,7 +181,9 @@ def _local_captions(model, images: list, *, prompt: str, batch_size: int, max_ne
                 readable.append(i)
             except ImageError as e:
                 yield i, None, str(e)
-        answers = model.answer_batch(pictures, [prompt] * len(pictures), max_new_tokens=max_new_tokens) if pictures else []
+        answers = (
+            model.answer_batch(pictures, [prompt] * len(pictures), max_new_tokens=max_new_tokens) if pictures else []
+        )
         for i, answer in zip(readable, answers):
             yield i, answer, None
 
@@ -229,7 +233,9 @@ def caption_folder(
     if engine == "ray" and not isinstance(model, str):
         raise VlmError("the ray engine needs the model's name or directory, which each actor loads")
     lock_file, target = _lock_file(source, out, fmt)
-    with only_writer(lock_file, busy=f"{target}: another run is writing it; wait for that run to end, or write elsewhere"):
+    with only_writer(
+        lock_file, busy=f"{target}: another run is writing it; wait for that run to end, or write elsewhere"
+    ):
         if engine == "local":
             model = _local_model(model, max_new_tokens)  # before --overwrite removes anything
         report = CaptionReport(failed=list(skipped))
@@ -246,11 +252,19 @@ def caption_folder(
                 from vlm import ray_engine
 
                 results = ray_engine.caption_images(
-                    model, todo, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    workers=workers, address=ray_address, progress=False,
+                    model,
+                    todo,
+                    prompt=prompt,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    workers=workers,
+                    address=ray_address,
+                    progress=False,
                 )
             else:
-                results = _local_captions(model, todo, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                results = _local_captions(
+                    model, todo, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
+                )
             with progress_bar(total=len(todo), desc="captioning", unit="img", disable=not progress) as bar:
                 for i, caption, error in results:
                     bar.update(1)

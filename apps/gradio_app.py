@@ -28,14 +28,22 @@ import gradio as gr
 import torch
 from starlette.middleware import Middleware
 
+from apps.web_safety import (
+    LOOPBACK_HOSTS,
+    SameOriginOnly,
+    UploadedImage,
+    check_bind,
+    header_pixels,
+    is_loopback,
+    load_uploads,
+    readable_errors,
+    uploaded_file,
+)
 from retrieval import Searcher, build_index
 from retrieval.store import MANIFEST, read_manifest
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.webdataset import image_source
-from apps.web_safety import (
-    LOOPBACK_HOSTS, SameOriginOnly, UploadedImage, check_bind, header_pixels, is_loopback, load_uploads, readable_errors, uploaded_file,
-)
 from vlm.errors import ImageError, VlmError
 from vlm.hub import WEIGHTS_DIR, model_kind, resolve_dir, shipped_names
 from vlm.images import load_image
@@ -165,7 +173,11 @@ def served_pictures(engine: Searcher, hits) -> list[tuple]:
 
 
 def build_app(
-    *, index: str | Path | None = None, models: list[str] = (), concurrency: int = CONCURRENCY, remote_host: str | None = None,
+    *,
+    index: str | Path | None = None,
+    models: list[str] = (),
+    concurrency: int = CONCURRENCY,
+    remote_host: str | None = None,
     upload_max_age: int = UPLOAD_MAX_AGE,
 ) -> gr.Blocks:
     """The app's page. `models`: VQA model directories offered beside the shipped ones;
@@ -246,23 +258,35 @@ def build_app(
                 reason = e.message if isinstance(e, gr.Error) else str(e)
                 rows.append([name, f"(unreadable: {reason.split(': ', 1)[-1]})"])
         if pictures:
-            captions = model.answer_batch(pictures, [prompt or DEFAULT_CAPTION_PROMPT] * len(pictures), max_new_tokens=32)
+            captions = model.answer_batch(
+                pictures, [prompt or DEFAULT_CAPTION_PROMPT] * len(pictures), max_new_tokens=32
+            )
             for slot, text in zip(slots, captions):
                 rows[slot][1] = text
         return rows
 
-    limits = (f"Up to {MAX_IMAGES_PER_MESSAGE} images per message and {MAX_REQUEST_PIXELS // 1_000_000} megapixels per request; "
-              f"uploads over {MAX_FILE_SIZE} are refused and uploads are deleted after {upload_max_age // 60} minutes.")
+    limits = (
+        f"Up to {MAX_IMAGES_PER_MESSAGE} images per message and {MAX_REQUEST_PIXELS // 1_000_000} megapixels per request; "
+        f"uploads over {MAX_FILE_SIZE} are refused and uploads are deleted after {upload_max_age // 60} minutes."
+    )
     with gr.Blocks(title="vlmstack", delete_cache=(max(1, upload_max_age // 4), upload_max_age)) as app:
         gr.Markdown("# vlmstack\nSearch images by text or example, ask questions about pictures, caption them.")
         if remote_host:
-            gr.Markdown(f"**Warning: this app is served on {remote_host}: anyone who can reach that address can use it, "
-                        "read its search results and run its models.**")
+            gr.Markdown(
+                f"**Warning: this app is served on {remote_host}: anyone who can reach that address can use it, "
+                "read its search results and run its models.**"
+            )
         with gr.Tab("Search"):
             with gr.Row():
-                query = gr.Textbox(label="Query", placeholder='a red circle   ·   "red circle - triangle"   ·   "2:red + circle"', scale=4)
+                query = gr.Textbox(
+                    label="Query",
+                    placeholder='a red circle   ·   "red circle - triangle"   ·   "2:red + circle"',
+                    scale=4,
+                )
                 k = gr.Slider(1, 50, value=12, step=1, label="Results", scale=1)
-            query_image = UploadedImage(label="Find images like this one (optional)", type="filepath", image_mode=None, height=160)
+            query_image = UploadedImage(
+                label="Find images like this one (optional)", type="filepath", image_mode=None, height=160
+            )
             search_button = gr.Button("Search", variant="primary")
             gallery = gr.Gallery(label="Results (score, path)", columns=6, height="auto")
             search_button.click(search, [query, query_image, k], gallery, api_name="search")
@@ -272,7 +296,9 @@ def build_app(
             gr.ChatInterface(
                 chat,
                 multimodal=True,
-                textbox=gr.MultimodalTextbox(file_types=["image"], file_count="multiple", placeholder="Attach images and ask about them"),
+                textbox=gr.MultimodalTextbox(
+                    file_types=["image"], file_count="multiple", placeholder="Attach images and ask about them"
+                ),
                 additional_inputs=[model],
                 api_name="chat_session",
                 api_visibility="private",  # its API keeps history per session; /chat below does not
@@ -297,8 +323,14 @@ def build_app(
 
 
 def launch(
-    *, index: str | None = None, models: list[str] = (), host: str = "127.0.0.1", port: int = 7860,
-    allow_remote: bool = False, block: bool = True, upload_max_age: int = UPLOAD_MAX_AGE,
+    *,
+    index: str | None = None,
+    models: list[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    allow_remote: bool = False,
+    block: bool = True,
+    upload_max_age: int = UPLOAD_MAX_AGE,
 ) -> gr.Blocks:
     """Start the app; with block=False return once it serves (tests, scripts).
 
@@ -308,7 +340,9 @@ def launch(
     """
     remote = not is_loopback(host)
     if remote and not allow_remote:
-        raise VlmError(f"--host {host} would let other machines use the app; add --allow-remote if that is what you want")
+        raise VlmError(
+            f"--host {host} would let other machines use the app; add --allow-remote if that is what you want"
+        )
     check_bind(host, port)
     # Requests run side by side; torch threads beyond the cores they share starve the
     # server's own thread, and clients' uploads then time out (see
@@ -318,8 +352,13 @@ def launch(
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:
         app.launch(
-            server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block,
-            show_error=False, quiet=not block, app_kwargs={"middleware": [guard]},
+            server_name=host,
+            server_port=port,
+            max_file_size=MAX_FILE_SIZE,
+            prevent_thread_lock=not block,
+            show_error=False,
+            quiet=not block,
+            app_kwargs={"middleware": [guard]},
         )
     except OSError as e:  # lost a race for the port since check_bind
         raise VlmError(f"cannot serve on {host}:{port} ({e})") from None

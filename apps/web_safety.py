@@ -142,7 +142,7 @@ class UploadedImage(gr.Image):
 
 
 def _hostname(netloc: str) -> str:
-    """"127.0.0.1:7860" -> "127.0.0.1", "[::1]:7860" -> "::1"."""
+    """ "127.0.0.1:7860" -> "127.0.0.1", "[::1]:7860" -> "::1"."""
     return urlsplit(f"//{netloc}").hostname or ""
 
 
@@ -180,7 +180,9 @@ def check_bind(host: str, port: int) -> None:
             if e.errno == errno.EADDRINUSE:
                 raise VlmError(f"port {port} is in use on {host}; choose another --port") from None
             if e.errno == errno.EADDRNOTAVAIL:
-                raise VlmError(f"--host {host} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 for every address") from None
+                raise VlmError(
+                    f"--host {host} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 for every address"
+                ) from None
             if e.errno == errno.EACCES:
                 raise VlmError(f"port {port} needs administrator rights; choose a --port of 1024 or more") from None
             raise VlmError(f"cannot serve on {host}:{port} ({e.strerror})") from None

@@ -43,7 +43,9 @@ def rss_mib() -> float:
 def ask(url: str, model: str, image: str) -> str:
     """One chat from a fresh session; the error's type and message if it fails."""
     try:
-        return Client(url, verbose=False).predict({"text": QUESTION, "files": [handle_file(image)]}, model, api_name="/chat")
+        return Client(url, verbose=False).predict(
+            {"text": QUESTION, "files": [handle_file(image)]}, model, api_name="/chat"
+        )
     except Exception as e:
         return f"ERROR {type(e).__name__}: {e}"
 
@@ -92,7 +94,9 @@ def main() -> None:
         custom = custom_models(url, app, images[0], args.custom)
     finally:
         app.close()
-    rows = [f"| {c['model']} | {c['chats']} | {c['errors']} | {c['differing']} | {c['concurrent_seconds']} |" for c in chats]
+    rows = [
+        f"| {c['model']} | {c['chats']} | {c['errors']} | {c['differing']} | {c['concurrent_seconds']} |" for c in chats
+    ]
     sections = [
         f"## {args.chats} concurrent one-image chats, each from a fresh session, against the same chats one at a time",
         "",
@@ -106,7 +110,12 @@ def main() -> None:
         f"{custom['rss_after_mib']} MiB after; models loaded before {custom['models_loaded_before']}, after {custom['models_loaded_after']} "
         "(the bound is 2).",
     ]
-    write_report("app_concurrency", "App: concurrent chats and refused model names", sections, {"chats": chats, "custom_models": custom})
+    write_report(
+        "app_concurrency",
+        "App: concurrent chats and refused model names",
+        sections,
+        {"chats": chats, "custom_models": custom},
+    )
 
 
 if __name__ == "__main__":

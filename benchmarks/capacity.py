@@ -35,9 +35,20 @@ def write_shards(folder: Path, count: int, dim: int) -> None:
     for number, start in enumerate(range(0, count, SHARD)):
         n = min(SHARD, count - start)
         np.save(folder / f"{number:05d}.npy", clustered_vectors(n, dim, seed=number + 1))
-        rows = (json.dumps({"path": f"{start + i:09d}.jpg", "mtime": 0.0, "size": 0, "sha256": f"{start + i:064x}"}) for i in range(n))
+        rows = (
+            json.dumps({"path": f"{start + i:09d}.jpg", "mtime": 0.0, "size": 0, "sha256": f"{start + i:064x}"})
+            for i in range(n)
+        )
         (folder / f"{number:05d}.jsonl").write_text("\n".join(rows) + "\n")
-    manifest = {"source": "/synthetic", "kind": "folder", "model": "synthetic", "model_fingerprint": "-", "dim": dim, "shard_size": SHARD, "count": count}
+    manifest = {
+        "source": "/synthetic",
+        "kind": "folder",
+        "model": "synthetic",
+        "model_fingerprint": "-",
+        "dim": dim,
+        "shard_size": SHARD,
+        "count": count,
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -45,7 +56,9 @@ def exact_top10(queries: np.ndarray, shards: list[np.ndarray]) -> np.ndarray:
     """The true top-10 ids over all shards: each shard's exact top 10, merged by score."""
     from retrieval.spec import exact_neighbours
 
-    candidates = np.concatenate([exact_neighbours(queries, shard, 10) + i * SHARD for i, shard in enumerate(shards)], axis=1)
+    candidates = np.concatenate(
+        [exact_neighbours(queries, shard, 10) + i * SHARD for i, shard in enumerate(shards)], axis=1
+    )
     scores = np.array([[query @ shards[c // SHARD][c % SHARD] for c in row] for query, row in zip(queries, candidates)])
     return np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :10], 1)
 
@@ -98,7 +111,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
-    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one; needs ~2x the vectors' size)")
+    parser.add_argument(
+        "--workdir", default=None, help="scratch folder (default: a temporary one; needs ~2x the vectors' size)"
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.dim, Path(args.workdir))))
@@ -108,8 +123,21 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix="capacity-", dir=args.workdir))
         try:
             out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.capacity", "--one", str(count), "--dim", str(args.dim), "--workdir", str(workdir)],
-                check=True, capture_output=True, text=True, cwd=ROOT,
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.capacity",
+                    "--one",
+                    str(count),
+                    "--dim",
+                    str(args.dim),
+                    "--workdir",
+                    str(workdir),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
             ).stdout
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -132,7 +160,12 @@ def main() -> None:
         "Peak RAM is the build process's maximum resident set: the distinct vectors are held in memory once "
         "(read from memory-mapped shards), plus the FAISS index. See docs/scale-out.md for what changes above this.",
     ]
-    write_report("capacity", "Index capacity: vectors, spec, RAM, build time, latency, recall", table + [""] + notes, {"rows": rows})
+    write_report(
+        "capacity",
+        "Index capacity: vectors, spec, RAM, build time, latency, recall",
+        table + [""] + notes,
+        {"rows": rows},
+    )
 
 
 if __name__ == "__main__":

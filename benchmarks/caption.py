@@ -31,7 +31,9 @@ def names_right(caption: str, color: str, shape: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llava-easyvqa", "flamingo-easyvqa"])
-    parser.add_argument("--single-images", type=int, default=200, help="images captioned at batch 1 for the speed comparison")
+    parser.add_argument(
+        "--single-images", type=int, default=200, help="images captioned at batch 1 for the speed comparison"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     truth = {Path(im.path).name: im for im in easyvqa.images("test")}
@@ -58,10 +60,26 @@ def main() -> None:
             timed(caption_folder, small, model=model, out=Path(tmp) / "warm.jsonl", batch_size=16, progress=False)
             for batch in (1, 16):
                 model._feature_cache.clear()
-                _, speed_seconds = timed(caption_folder, small, model=model, out=Path(tmp) / f"{name}-{batch}.jsonl", batch_size=batch, progress=False)
+                _, speed_seconds = timed(
+                    caption_folder,
+                    small,
+                    model=model,
+                    out=Path(tmp) / f"{name}-{batch}.jsonl",
+                    batch_size=batch,
+                    progress=False,
+                )
                 results.setdefault(name, {})[f"batch_{batch}_images_per_s"] = args.single_images / speed_seconds
             examples = [f"{c['image'].split('/')[-1]}: {c['caption']}" for c in captions[:3]]
-            results[name].update({"images": len(captions), "right": right, "accuracy": right / len(captions), "seconds": seconds, "examples": examples, "wrong": wrong})
+            results[name].update(
+                {
+                    "images": len(captions),
+                    "right": right,
+                    "accuracy": right / len(captions),
+                    "seconds": seconds,
+                    "examples": examples,
+                    "wrong": wrong,
+                }
+            )
             r = results[name]
             rows.append(
                 f"| `{name}` | {r['right']}/{r['images']} = {r['accuracy']:.4f} | {r['batch_1_images_per_s']:.1f} | "

@@ -44,7 +44,9 @@ def plain_open_clip_loop(clip, paths) -> float:
     import open_clip
     from PIL import Image
 
-    preprocess = open_clip.image_transform(clip.image_size, is_train=False, mean=clip.config.image_mean, std=clip.config.image_std)
+    preprocess = open_clip.image_transform(
+        clip.image_size, is_train=False, mean=clip.config.image_mean, std=clip.config.image_std
+    )
     model = clip.model
     _, seconds = timed(lambda: [model.encode_image(preprocess(Image.open(p).convert("RGB"))[None]) for p in paths])
     return seconds
@@ -52,7 +54,9 @@ def plain_open_clip_loop(clip, paths) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update-card", action="store_true", help="developers: record the figures in the shipped model's card")
+    parser.add_argument(
+        "--update-card", action="store_true", help="developers: record the figures in the shipped model's card"
+    )
     parser.add_argument("--model", default="clip-easyvqa")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -101,9 +105,23 @@ def main() -> None:
         f"| vlmstack `embed_images` (DataLoader decode workers, batch 256) | {throughput['batched_images_per_s']:.0f} |",
         f"| plain open_clip loop (open, torchvision preprocess, one image per forward) | {throughput['plain_loop_images_per_s']:.0f} |",
     ]
-    write_report("clip", "CLIP benchmark", sections, {"results": results, "drops_points": drops, "throughput": throughput, "train_seconds": card.get("train_seconds")})
+    write_report(
+        "clip",
+        "CLIP benchmark",
+        sections,
+        {
+            "results": results,
+            "drops_points": drops,
+            "throughput": throughput,
+            "train_seconds": card.get("train_seconds"),
+        },
+    )
     if args.update_card and resolve_dir(args.model) and card:
-        update_card(resolve_dir(args.model), test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python -m benchmarks.clip --model {args.model}")
+        update_card(
+            resolve_dir(args.model),
+            test_metrics={"data": "easyvqa:test", **results["original"]},
+            test_metrics_command=f"python -m benchmarks.clip --model {args.model}",
+        )
     print(json.dumps({"original": results["original"], "worst_drop_points": max(drops.values()), **throughput}))
 
 

@@ -60,4 +60,6 @@ def write_report(name: str, title: str, sections: list[str], data: dict) -> None
         "",
     ]
     write_text(RESULTS / f"{name}.md", "\n".join(header + sections) + "\n")
-    write_text(RESULTS / f"{name}.json", json.dumps({"command": command_line(), "machine": machine, **data}, indent=2) + "\n")
+    write_text(
+        RESULTS / f"{name}.json", json.dumps({"command": command_line(), "machine": machine, **data}, indent=2) + "\n"
+    )

@@ -65,13 +65,24 @@ def make_folder(folder: Path, good: list[Path], *, hazards: bool) -> list[str]:
     (folder / "truncated.png").write_bytes(some_png[: len(some_png) // 2])
     (folder / "text.jpg").write_text("this is not a picture\n")
     (folder / "bomb.png").write_bytes(png_bomb())
-    return ["fifo.png", "dangling.png", "loop.png", "caf\\xe9.png", "empty.png", "truncated.png", "text.jpg", "bomb.png"]
+    return [
+        "fifo.png",
+        "dangling.png",
+        "loop.png",
+        "caf\\xe9.png",
+        "empty.png",
+        "truncated.png",
+        "text.jpg",
+        "bomb.png",
+    ]
 
 
 def run(argv: list[str], timeout: float) -> dict:
     """Run the CLI; exit code, seconds, stdout and stderr (code None if it was killed)."""
     started = time.perf_counter()
-    process = subprocess.Popen([VLMSTACK, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [VLMSTACK, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = process.communicate(timeout=timeout)
         code = process.returncode
@@ -103,7 +114,11 @@ def steps(folder: Path, work: Path, caption_model: str) -> list[tuple[str, list[
         ("index build", ["index", "build", str(folder), "--out", str(index)], lambda: indexed(index)),
         ("index update", ["index", "update", str(index)], lambda: indexed(index)),
         ("embed", ["embed", str(folder), "--out", str(emb)], lambda: embedded(emb)),
-        ("caption", ["caption", str(folder), "--model", caption_model, "--out", str(captions)], lambda: captioned(captions)),
+        (
+            "caption",
+            ["caption", str(folder), "--model", caption_model, "--out", str(captions)],
+            lambda: captioned(captions),
+        ),
     ]
 
 
@@ -121,8 +136,11 @@ def measure(label: str, step: tuple, good: set[str], bad: list[str], timeout: fl
     result["bad_not_named"] = [b for b in bad if b not in result["stdout"]]
     result["stdout_tail"] = result.pop("stdout").splitlines()[-12:]
     result["stderr_tail"] = [line for line in result.pop("stderr").splitlines() if "error" in line.lower()][-5:]
-    print(f"{label:8s} {name:13s} exit {result['exit']}  {result['seconds']:6.1f} s  "
-          f"good {result['good_processed']}/{len(good)}  bad named {len(result['bad_named'])}/{len(bad)}", flush=True)
+    print(
+        f"{label:8s} {name:13s} exit {result['exit']}  {result['seconds']:6.1f} s  "
+        f"good {result['good_processed']}/{len(good)}  bad named {len(result['bad_named'])}/{len(bad)}",
+        flush=True,
+    )
     return result
 
 
@@ -153,7 +171,13 @@ def main() -> None:
     for name in clean:
         c, h = clean[name], hazard[name]
         extra = h["seconds"] - c["seconds"]
-        ok = h["exit"] == 0 and c["exit"] == 0 and h["good_processed"] == len(good) and not h["bad_not_named"] and extra <= SLACK_SECONDS
+        ok = (
+            h["exit"] == 0
+            and c["exit"] == 0
+            and h["good_processed"] == len(good)
+            and not h["bad_not_named"]
+            and extra <= SLACK_SECONDS
+        )
         verdicts[name] = ok
         rows.append(
             f"| {name} | {c['exit']} | {c['seconds']:.1f} | {h['exit']} | {h['seconds']:.1f} | {extra:+.1f} | "
@@ -177,10 +201,24 @@ def main() -> None:
     ]
     for name, h in hazard.items():
         if not verdicts[name]:
-            sections += [f"**{name}** on the hazard folder: not named {h['bad_not_named']}, missing good {h['missing_good'][:5]}, "
-                         f"errors {h['stderr_tail']}", ""]
-    write_report("hazards", "Hazard folder: index build, update, embed and caption", sections,
-                 {"good": len(good), "bad": bad, "slack_seconds": SLACK_SECONDS, "clean": clean, "hazards": hazard, "target_met": verdicts})
+            sections += [
+                f"**{name}** on the hazard folder: not named {h['bad_not_named']}, missing good {h['missing_good'][:5]}, "
+                f"errors {h['stderr_tail']}",
+                "",
+            ]
+    write_report(
+        "hazards",
+        "Hazard folder: index build, update, embed and caption",
+        sections,
+        {
+            "good": len(good),
+            "bad": bad,
+            "slack_seconds": SLACK_SECONDS,
+            "clean": clean,
+            "hazards": hazard,
+            "target_met": verdicts,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,15 @@ def main() -> None:
     rows, data = [], []
     for image_size in (64, 128, 256):
         vision = tower(image_size)
-        llava = build_llava(vision=vision, lm=build_tiny_lm(TinyLmConfig(max_positions=2048), tokenizer), tokenizer=tokenizer, max_length=2048).eval()
-        flamingo = build_flamingo(vision=vision, lm=build_tiny_lm(TinyLmConfig(max_positions=2048), tokenizer), tokenizer=tokenizer).eval()
+        llava = build_llava(
+            vision=vision,
+            lm=build_tiny_lm(TinyLmConfig(max_positions=2048), tokenizer),
+            tokenizer=tokenizer,
+            max_length=2048,
+        ).eval()
+        flamingo = build_flamingo(
+            vision=vision, lm=build_tiny_lm(TinyLmConfig(max_positions=2048), tokenizer), tokenizer=tokenizer
+        ).eval()
         features = vision(torch.randn(1, 3, image_size, image_size)).detach()  # (1, N, width)
         turns = [("user", "<image>\nwhat color is the shape?")]
         llava_ids = llava.encode(turns, generation_prompt=True)[0]

@@ -42,23 +42,38 @@ def main() -> None:
     for engine, workers in runs:
         name = f"{engine}-{workers}"
         started = time.perf_counter()
-        caption_folder(folder, model=args.caption_model, out=scratch / f"{name}.jsonl", engine=engine, workers=workers, progress=False)
+        caption_folder(
+            folder,
+            model=args.caption_model,
+            out=scratch / f"{name}.jsonl",
+            engine=engine,
+            workers=workers,
+            progress=False,
+        )
         caption_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        embed_to_shards(folder, scratch / f"{name}.emb", model=args.clip_model, engine=engine, workers=workers, progress=False)
+        embed_to_shards(
+            folder, scratch / f"{name}.emb", model=args.clip_model, engine=engine, workers=workers, progress=False
+        )
         embed_seconds = time.perf_counter() - started
-        results.append({
-            "engine": engine, "workers": workers,
-            "caption_images_per_s": round(args.images / caption_seconds, 1),
-            "embed_images_per_s": round(args.images / embed_seconds, 1),
-        })
+        results.append(
+            {
+                "engine": engine,
+                "workers": workers,
+                "caption_images_per_s": round(args.images / caption_seconds, 1),
+                "embed_images_per_s": round(args.images / embed_seconds, 1),
+            }
+        )
         print(results[-1], flush=True)
     same = (scratch / "ray-2.jsonl").read_text() == (scratch / "local-1.jsonl").read_text()
     shutil.rmtree(scratch, ignore_errors=True)
     table = [
         "| engine | workers | captioning images/s | embedding images/s |",
         "|---|---|---|---|",
-    ] + [f"| {r['engine']} | {r['workers'] if r['engine'] == 'ray' else '(this process)'} | {r['caption_images_per_s']} | {r['embed_images_per_s']} |" for r in results]
+    ] + [
+        f"| {r['engine']} | {r['workers'] if r['engine'] == 'ray' else '(this process)'} | {r['caption_images_per_s']} | {r['embed_images_per_s']} |"
+        for r in results
+    ]
     notes = [
         f"{args.images} easy-VQA test images; captions by {args.caption_model} (batch 16), embeddings by {args.clip_model} "
         f"(`vlmstack embed`). Ray captions identical to local ones: {same}.",
@@ -68,7 +83,12 @@ def main() -> None:
         "PyTorch's threads with no start-up or transfer, so on one 2-core machine it is the faster choice; the Ray engine "
         "is for clusters with more CPUs or GPUs than one process can use.",
     ]
-    write_report("ray_throughput", "Ray Data engine throughput", table + [""] + notes, {"results": results, "identical_captions": same})
+    write_report(
+        "ray_throughput",
+        "Ray Data engine throughput",
+        table + [""] + notes,
+        {"results": results, "identical_captions": same},
+    )
 
 
 if __name__ == "__main__":

@@ -89,21 +89,30 @@ def pair_accuracy(model, count: int = 1000) -> tuple[dict, dict]:
     answers = [r["conversations"][1]["value"] for r in records]
     attributes = [next(a for a, q in PAIR_QUESTIONS.items() if question.endswith(q)) for question in questions]
     comparisons = [[("user", q)] for q in questions]
-    recalls = [[("user", q), ("assistant", a), ("user", FIRST_IMAGE_QUESTIONS[t])] for q, a, t in zip(questions, answers, attributes)]
+    recalls = [
+        [("user", q), ("assistant", a), ("user", FIRST_IMAGE_QUESTIONS[t])]
+        for q, a, t in zip(questions, answers, attributes)
+    ]
     firsts = [getattr(by_path[r["images"][0]], t) for r, t in zip(records, attributes)]
     predictions = {"comparison": [], "recall": []}
     for s in range(0, count, 64):
         pair_images = [r["images"] for r in records[s : s + 64]]
         for kind, conversations in (("comparison", comparisons), ("recall", recalls)):
-            predictions[kind] += model.generate_texts(conversations[s : s + 64], pair_images, GenerationConfig(max_new_tokens=4))
+            predictions[kind] += model.generate_texts(
+                conversations[s : s + 64], pair_images, GenerationConfig(max_new_tokens=4)
+            )
     return vqa_metrics(predictions["comparison"], answers), vqa_metrics(predictions["recall"], firsts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update-card", action="store_true", help="developers: record the figures in the shipped model's card")
+    parser.add_argument(
+        "--update-card", action="store_true", help="developers: record the figures in the shipped model's card"
+    )
     parser.add_argument("--model", default="llava-easyvqa")
-    parser.add_argument("--fewshot-questions", type=int, default=2000, help="test questions scored with few-shot prompts (Flamingo)")
+    parser.add_argument(
+        "--fewshot-questions", type=int, default=2000, help="test questions scored with few-shot prompts (Flamingo)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, load_seconds = timed(load_vlm, args.model)
@@ -131,7 +140,9 @@ def main() -> None:
         m = results[name]
         t = m["per_answer_type"]
         drop = "" if name == "original" else f"{drops[name]:.2f}"
-        rows.append(f"| {name} | {m['accuracy']:.4f} | {t['yes/no']:.4f} | {t['color']:.4f} | {t['shape']:.4f} | {drop} |")
+        rows.append(
+            f"| {name} | {m['accuracy']:.4f} | {t['yes/no']:.4f} | {t['color']:.4f} | {t['shape']:.4f} | {drop} |"
+        )
     kv = results["kv_cache"]
     sections = [
         f"Model: `{args.model}`. Data: `easyvqa:test`, {results['original']['n']:,} questions on 1,000 images.",
@@ -169,8 +180,20 @@ def main() -> None:
     write_report(f"vqa-{name}", f"VQA benchmark: {args.model}", sections, {"results": results, "drops_points": drops})
     directory = resolve_dir(args.model)
     if args.update_card and directory:
-        update_card(directory, test_metrics={"data": "easyvqa:test", **results["original"]}, test_metrics_command=f"python -m benchmarks.vqa --model {args.model}")
-    print(json.dumps({"accuracy": results["original"]["accuracy"], "eval_seconds": results["eval_seconds"], "worst_drop_points": max(drops.values())}))
+        update_card(
+            directory,
+            test_metrics={"data": "easyvqa:test", **results["original"]},
+            test_metrics_command=f"python -m benchmarks.vqa --model {args.model}",
+        )
+    print(
+        json.dumps(
+            {
+                "accuracy": results["original"]["accuracy"],
+                "eval_seconds": results["eval_seconds"],
+                "worst_drop_points": max(drops.values()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ class ResamplerProbe(nn.Module):
         return self.head(self.resampler(patches[:, None]).mean(1))
 
 
-def probe_accuracy(make_probe, train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, epochs: int) -> float:
+def probe_accuracy(
+    make_probe, train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, epochs: int
+) -> float:
     """Train `make_probe()` on (M, T, D) train tokens; accuracy on the test tokens."""
     torch.manual_seed(0)
     probe = make_probe()
@@ -93,15 +95,26 @@ def main() -> None:
         train_y = torch.tensor([values.index(getattr(image, attribute)) for image in train_images])
         test_y = torch.tensor([values.index(getattr(image, attribute)) for image in test_images])
         results[attribute] = {
-            "patch tokens": probe_accuracy(lambda: TokenProbe(dim, len(values)), train_patches, train_y, test_patches, test_y, epochs=40),
-            "resampled latents": probe_accuracy(lambda: TokenProbe(dim, len(values)), train_latents, train_y, test_latents, test_y, epochs=40),
+            "patch tokens": probe_accuracy(
+                lambda: TokenProbe(dim, len(values)), train_patches, train_y, test_patches, test_y, epochs=40
+            ),
+            "resampled latents": probe_accuracy(
+                lambda: TokenProbe(dim, len(values)), train_latents, train_y, test_latents, test_y, epochs=40
+            ),
             "new resampler trained on the label": probe_accuracy(
-                lambda: ResamplerProbe(dim, len(values), model.config.resampler), train_patches, train_y, test_patches, test_y, epochs=30
+                lambda: ResamplerProbe(dim, len(values), model.config.resampler),
+                train_patches,
+                train_y,
+                test_patches,
+                test_y,
+                epochs=30,
             ),
         }
     columns = list(results["shape"])
     table = ["| probe target | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    table += [f"| {attribute} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for attribute, r in results.items()]
+    table += [
+        f"| {attribute} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for attribute, r in results.items()
+    ]
     sections = [
         f"Model: `{args.model}`. Features: the vision tower's {train_patches.shape[1]} patch tokens "
         f"(width {train_patches.shape[2]}) and the resampler's {train_latents.shape[1]} latents of the same width.",
@@ -109,7 +122,9 @@ def main() -> None:
         "",
         *table,
     ]
-    write_report("feature_probe", "Feature probe: what the resampler keeps", sections, {"model": args.model, "results": results})
+    write_report(
+        "feature_probe", "Feature probe: what the resampler keeps", sections, {"model": args.model, "results": results}
+    )
     print("\n".join(table))
 
 

@@ -56,7 +56,9 @@ def text_probe(lm: str, batch_size: int = 128) -> dict[str, float]:
         hits = 0
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            encoded = [encode_conversation(tokenizer, [("user", prompt)], generation_prompt=True).ids for prompt, _ in batch]
+            encoded = [
+                encode_conversation(tokenizer, [("user", prompt)], generation_prompt=True).ids for prompt, _ in batch
+            ]
             ids = pad_right(encoded, tokenizer.pad_token_id)  # (B, T)
             mask = pad_right([[1] * len(sequence) for sequence in encoded], 0)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -75,7 +77,9 @@ def vision_records(val_fraction: float) -> dict[str, list[VqaRecord]]:
         records[OPEN_SHAPE].append(VqaRecord(image.path, "what shape is in the image?", image.shape))
         for color in easyvqa.COLORS:
             case = "color, present" if color == image.color else "color, absent"
-            records[case].append(VqaRecord(image.path, f"is there a {color} shape?", "yes" if color == image.color else "no"))
+            records[case].append(
+                VqaRecord(image.path, f"is there a {color} shape?", "yes" if color == image.color else "no")
+            )
         for shape in easyvqa.SHAPES:
             case = "shape, present" if shape == image.shape else "shape, absent"
             records[case].append(VqaRecord(image.path, f"is there a {shape}?", "yes" if shape == image.shape else "no"))
@@ -84,14 +88,19 @@ def vision_records(val_fraction: float) -> dict[str, list[VqaRecord]]:
 
 def vision_probe(model_name: str, val_fraction: float) -> dict[str, float]:
     model = load_vlm(model_name)
-    return {case: evaluate_vqa(model, records, progress=False)["accuracy"] for case, records in vision_records(val_fraction).items()}
+    return {
+        case: evaluate_vqa(model, records, progress=False)["accuracy"]
+        for case, records in vision_records(val_fraction).items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm", default="lm-easyvqa")
     parser.add_argument("--models", nargs="+", default=["llava-easyvqa", "flamingo-easyvqa"])
-    parser.add_argument("--val-fraction", type=float, default=0.02, help="the recipes' held-out fraction of train images")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.02, help="the recipes' held-out fraction of train images"
+    )
     args = parser.parse_args()
     rows = {f"{args.lm} (text, caption in context)": text_probe(args.lm)}
     for name in args.models:
@@ -100,7 +109,10 @@ def main() -> None:
     questions = {case: len(items) for case, items in text_cases().items()}
     columns = (*CASES, OPEN_SHAPE)
     table = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    table += [f"| {name} | " + " | ".join(f"{scores[c]:.3f}" if c in scores else "-" for c in columns) + " |" for name, scores in rows.items()]
+    table += [
+        f"| {name} | " + " | ".join(f"{scores[c]:.3f}" if c in scores else "-" for c in columns) + " |"
+        for name, scores in rows.items()
+    ]
     sections = [
         "Accuracy on yes/no questions, split by whether the asked colour or shape is the one shown.",
         f"Text probe: {sum(questions.values())} prompts ({', '.join(f'{c}: {n}' for c, n in questions.items())}).",

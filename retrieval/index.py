@@ -81,7 +81,9 @@ def build_index(
     if not folder.is_dir():
         raise VlmError(f"{folder}: not a folder")
     if webdataset.is_webdataset(folder):
-        raise VlmError(f"{folder}: webdataset shards are indexed in two steps: `vlmstack embed {folder} --out EMB`, then `vlmstack index build EMB`")
+        raise VlmError(
+            f"{folder}: webdataset shards are indexed in two steps: `vlmstack embed {folder} --out EMB`, then `vlmstack index build EMB`"
+        )
     store.check_new_index(out)  # before loading the model
     clip = load_clip(model)
     index_spec.check_spec(spec, clip.embed_dim)  # before the long part, not after it
@@ -90,11 +92,15 @@ def build_index(
             root=str(folder), model=model, model_fingerprint=clip.fingerprint, dim=clip.embed_dim, index_spec=spec
         )
         empty = store.IndexData(np.zeros((0, clip.embed_dim), np.float32), [], [])
-        embed = embedder(engine, clip, model, batch_size=batch_size, workers=workers, ray_address=ray_address, progress=progress)
+        embed = embedder(
+            engine, clip, model, batch_size=batch_size, workers=workers, ray_address=ray_address, progress=progress
+        )
         return _sync(out, manifest, empty, embed, progress=progress, new=True)
 
 
-def update_index(index_dir: str | Path, *, batch_size: int = 256, workers: int = 2, progress: bool = True) -> IndexReport:
+def update_index(
+    index_dir: str | Path, *, batch_size: int = 256, workers: int = 2, progress: bool = True
+) -> IndexReport:
     """Bring the index up to date with its folder, embedding only what changed.
 
     Raises:
@@ -106,7 +112,9 @@ def update_index(index_dir: str | Path, *, batch_size: int = 256, workers: int =
     with store.writer_lock(index_dir):
         manifest = store.read_manifest(index_dir)  # as it is now that no one else writes
         if manifest.source != "folder":
-            raise VlmError(f"{index_dir} was built from {manifest.source} shards, which it cannot re-scan; embed and build again")
+            raise VlmError(
+                f"{index_dir} was built from {manifest.source} shards, which it cannot re-scan; embed and build again"
+            )
         clip = load_clip(manifest.model)
         if clip.fingerprint != manifest.model_fingerprint:
             raise VlmError(
@@ -114,7 +122,9 @@ def update_index(index_dir: str | Path, *, batch_size: int = 256, workers: int =
                 f"which now loads as weights {clip.fingerprint}; rebuild the index"
             )
         data = store.read_data(index_dir, manifest)
-        embed = embedder("local", clip, manifest.model, batch_size=batch_size, workers=workers, ray_address=None, progress=progress)
+        embed = embedder(
+            "local", clip, manifest.model, batch_size=batch_size, workers=workers, ray_address=None, progress=progress
+        )
         return _sync(index_dir, manifest, data, embed, progress=progress, new=False)
 
 
@@ -123,7 +133,9 @@ def embedder(engine: str, clip: Clip, model: str, *, batch_size: int, workers: i
     if engine == "ray":
         from vlm import ray_engine
 
-        return lambda sources: ray_engine.embed_images(model, sources, batch_size=batch_size, workers=workers, address=ray_address, progress=progress)
+        return lambda sources: ray_engine.embed_images(
+            model, sources, batch_size=batch_size, workers=workers, address=ray_address, progress=progress
+        )
     if engine != "local":
         raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
     return lambda sources: embed_images(clip, sources, batch_size=batch_size, workers=workers, progress=progress)
@@ -162,7 +174,9 @@ def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, embed, *, p
         digest = content_of[info.path]
         if digest in unreadable:
             if info is not first_file[digest]:
-                report.failed.append(f"{root / info.path}: same bytes as {first_file[digest].path}, which cannot be read")
+                report.failed.append(
+                    f"{root / info.path}: same bytes as {first_file[digest].path}, which cannot be read"
+                )
             continue
         if digest not in content_id:
             content_id[digest] = len(hashes)
@@ -191,7 +205,9 @@ def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, embed, *, p
     return report
 
 
-def _contents(root: Path, files: list[FileInfo], old_files: dict, failed: list[str], *, progress: bool) -> dict[str, str]:
+def _contents(
+    root: Path, files: list[FileInfo], old_files: dict, failed: list[str], *, progress: bool
+) -> dict[str, str]:
     """path -> sha256 of each readable file. A file indexed with the same size and mtime
     keeps its recorded hash; the others are read. Files that cannot be read are left out
     and their reasons appended to `failed`."""

@@ -57,7 +57,13 @@ class Searcher:
                 f"{index_dir} was built with {manifest.model} (weights {manifest.model_fingerprint}) "
                 f"but the query model is {asked} (weights {clip.fingerprint}); search with the same model or rebuild the index"
             )
-        return cls(index_dir=Path(index_dir), manifest=manifest, index=index, meta=store.connect_meta(index_dir, manifest), clip=clip)
+        return cls(
+            index_dir=Path(index_dir),
+            manifest=manifest,
+            index=index,
+            meta=store.connect_meta(index_dir, manifest),
+            clip=clip,
+        )
 
     @property
     def count(self) -> int:
@@ -68,7 +74,11 @@ class Searcher:
         terms = parse_query(query)
         for term in terms:
             if len(self.clip.tokenizer.encode(term.text)) + 2 > self.clip.context_length:
-                log.warning("query term truncated to the model's %d-token context: %.60s...", self.clip.context_length, term.text)
+                log.warning(
+                    "query term truncated to the model's %d-token context: %.60s...",
+                    self.clip.context_length,
+                    term.text,
+                )
         vectors = self.clip.encode_texts([t.text for t in terms]).numpy()
         return _normalise(np.array([t.weight for t in terms], np.float32) @ vectors)
 
@@ -78,7 +88,9 @@ class Searcher:
     def search_text(self, query: str, *, k: int = 10, min_score: float | None = None) -> list[Hit]:
         return self.search_vector(self.text_vector(query), k=k, min_score=min_score)
 
-    def search_image(self, image: ImageSource, *, k: int = 10, min_score: float | None = None, text: str | None = None) -> list[Hit]:
+    def search_image(
+        self, image: ImageSource, *, k: int = 10, min_score: float | None = None, text: str | None = None
+    ) -> list[Hit]:
         """Images like `image` (plus `text` terms, if given)."""
         vector = self.image_vector(image)
         if text:
@@ -101,7 +113,9 @@ class Searcher:
 
     def _path_of(self, content_id: int) -> str:
         with self._lock:
-            row = self._meta.execute("SELECT path FROM files WHERE content_id = ? ORDER BY path LIMIT 1", (content_id,)).fetchone()
+            row = self._meta.execute(
+                "SELECT path FROM files WHERE content_id = ? ORDER BY path LIMIT 1", (content_id,)
+            ).fetchone()
         return row[0]
 
     def resolve(self, path: str | Path) -> Path | None:

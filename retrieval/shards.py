@@ -88,13 +88,17 @@ def list_items(source: str | Path) -> Listing:
         items = []
         for member in webdataset.image_members(source):
             shard = Path(member.shard).resolve()
-            items.append(Item(f"{shard.relative_to(root).as_posix()}#{member.name}", shard.stat().st_mtime, member.size, member))
+            items.append(
+                Item(f"{shard.relative_to(root).as_posix()}#{member.name}", shard.stat().st_mtime, member.size, member)
+            )
         return Listing(root, "webdataset", items, [])
     root = Path(source).resolve()
     if not root.is_dir():
         raise VlmError(f"{source}: not a folder of images or webdataset shards")
     scan = scan_folder(root)
-    return Listing(root, "folder", [Item(f.path, f.mtime, f.size, str(root / f.path)) for f in scan.files], scan.skipped)
+    return Listing(
+        root, "folder", [Item(f.path, f.mtime, f.size, str(root / f.path)) for f in scan.files], scan.skipped
+    )
 
 
 def _hash(item: Item) -> tuple[str | None, str | None]:
@@ -141,11 +145,17 @@ def embed_to_shards(
         raise VlmError(f"shard_size must be at least 1, got {shard_size}")
     listing = list_items(source)
     if not listing.items:
-        raise VlmError(f"{source}: no images found" + (f" that can be read ({listing.skipped[0]})" if listing.skipped else ""))
+        raise VlmError(
+            f"{source}: no images found" + (f" that can be read ({listing.skipped[0]})" if listing.skipped else "")
+        )
     out, items = Path(out), listing.items
-    before = asdict(read_manifest(out)) if is_embeddings(out) else None  # a damaged one is refused before the model loads
+    before = (
+        asdict(read_manifest(out)) if is_embeddings(out) else None
+    )  # a damaged one is refused before the model loads
     clip = load_clip(model)
-    manifest = EmbeddingsManifest(str(listing.root), listing.kind, model, clip.fingerprint, clip.embed_dim, shard_size, len(items))
+    manifest = EmbeddingsManifest(
+        str(listing.root), listing.kind, model, clip.fingerprint, clip.embed_dim, shard_size, len(items)
+    )
     if before is not None:
         if before != asdict(manifest):
             changed = ", ".join(k for k in before if before[k] != asdict(manifest)[k])
@@ -160,19 +170,30 @@ def embed_to_shards(
         report.resumed_shards = report.shards - len(pending)
         chunks = [items[n * shard_size : (n + 1) * shard_size] for n in pending]
         to_hash = [item for chunk in chunks for item in chunk]
-        hashed = iter([_hash(item) for item in progress_bar(to_hash, desc="hashing", unit="file", disable=not progress or len(to_hash) < 1000)])
+        hashed = iter(
+            [
+                _hash(item)
+                for item in progress_bar(
+                    to_hash, desc="hashing", unit="file", disable=not progress or len(to_hash) < 1000
+                )
+            ]
+        )
         hashes = [[next(hashed) for _ in chunk] for chunk in chunks]  # per chunk: (sha256, error) per item
         readable = [[item for item, (_, error) in zip(chunk, h) if error is None] for chunk, h in zip(chunks, hashes)]
         if engine == "ray":
             from vlm import ray_engine
 
             images = [item.image for chunk in readable for item in chunk]
-            results = ray_engine.embed_stream(model, images, batch_size=batch_size, workers=workers, address=ray_address, progress=False)
+            results = ray_engine.embed_stream(
+                model, images, batch_size=batch_size, workers=workers, address=ray_address, progress=False
+            )
         elif engine == "local":
             results = _local_stream(clip, readable, batch_size=batch_size, workers=workers)
         else:
             raise VlmError(f"unknown engine {engine!r}; choose from local, ray")
-        with progress_bar(total=len(items), initial=len(items) - len(to_hash), desc="embedding", unit="img", disable=not progress) as bar:
+        with progress_bar(
+            total=len(items), initial=len(items) - len(to_hash), desc="embedding", unit="img", disable=not progress
+        ) as bar:
             for number, chunk, chunk_hashes in zip(pending, chunks, hashes):
                 rows, vectors = [], []
                 for item, (digest, error) in zip(chunk, chunk_hashes):
@@ -195,7 +216,9 @@ def embed_to_shards(
 def _local_stream(clip, chunks: list[list[Item]], *, batch_size: int, workers: int):
     """(position in chunk, vector or None, error or None) per item, chunk after chunk."""
     for chunk in chunks:
-        embedded = embed_images(clip, [item.image for item in chunk], batch_size=batch_size, workers=workers, progress=False)
+        embedded = embed_images(
+            clip, [item.image for item in chunk], batch_size=batch_size, workers=workers, progress=False
+        )
         vectors = dict(zip(embedded.indices, embedded.vectors.numpy()))
         errors = dict(embedded.failures)
         for i in range(len(chunk)):
@@ -285,11 +308,15 @@ def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
     except (OSError, ValueError, EOFError) as e:
         raise VlmError(f"{path}: damaged shard ({e}); embed again into a new --out") from None
     if vectors.dtype != np.float32 or vectors.shape != (count, dim):
-        raise VlmError(f"{path}: holds {vectors.shape} {vectors.dtype}, its .jsonl says ({count}, {dim}) float32; embed again into a new --out")
+        raise VlmError(
+            f"{path}: holds {vectors.shape} {vectors.dtype}, its .jsonl says ({count}, {dim}) float32; embed again into a new --out"
+        )
     return vectors
 
 
-def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = "auto", progress: bool = True) -> IndexReport:
+def build_index_from_shards(
+    folder: str | Path, out: str | Path, *, spec: str = "auto", progress: bool = True
+) -> IndexReport:
     """An index (as `index build` makes) from the shards of `vlmstack embed`.
 
     Byte-identical inputs share one vector; unreadable ones are left out.
@@ -304,7 +331,9 @@ def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = 
     shards = -(-emb.count // emb.shard_size)
     missing = [n for n in range(shards) if not (folder / f"{_shard_name(n)}.npy").exists()]
     if missing:
-        raise VlmError(f"{folder}: {len(missing)} of {shards} shards unfinished; run `vlmstack embed` again to finish them")
+        raise VlmError(
+            f"{folder}: {len(missing)} of {shards} shards unfinished; run `vlmstack embed` again to finish them"
+        )
     index_spec.check_spec(spec, emb.dim)
     with store.new_index(out):
         # First pass, metadata only: which rows are distinct contents.
@@ -336,8 +365,13 @@ def build_index_from_shards(folder: str | Path, out: str | Path, *, spec: str = 
 
         built = index_spec.auto_spec(len(hashes), emb.dim) if spec == "auto" else spec
         manifest = store.Manifest(
-            root=emb.source, model=emb.model, model_fingerprint=emb.model_fingerprint, dim=emb.dim,
-            index_spec=spec, built_spec=built, source=emb.kind,
+            root=emb.source,
+            model=emb.model,
+            model_fingerprint=emb.model_fingerprint,
+            dim=emb.dim,
+            index_spec=spec,
+            built_spec=built,
+            source=emb.kind,
         )
         index = index_spec.build_faiss(vectors, built)
         manifest.search_params = index_spec.tune_search(index, vectors)

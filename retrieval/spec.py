@@ -54,7 +54,9 @@ def _factory(spec: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
-        raise VlmError(f"--index-spec {spec!r}: not a FAISS index_factory string for {dim}-d vectors (e.g. Flat, IVF1024,Flat, HNSW32; or auto)") from None
+        raise VlmError(
+            f"--index-spec {spec!r}: not a FAISS index_factory string for {dim}-d vectors (e.g. Flat, IVF1024,Flat, HNSW32; or auto)"
+        ) from None
 
 
 def build_faiss(vectors: np.ndarray, spec: str, *, seed: int = 0) -> faiss.Index:
@@ -69,7 +71,9 @@ def build_faiss(vectors: np.ndarray, spec: str, *, seed: int = 0) -> faiss.Index
         rng = np.random.default_rng(seed)
         nlist = faiss.extract_index_ivf(index).nlist if "IVF" in spec else 256
         if "IVF" in spec and count < nlist:
-            raise VlmError(f"--index-spec {spec}: {nlist} lists need at least {nlist} distinct images to train, there are {count}; use auto")
+            raise VlmError(
+                f"--index-spec {spec}: {nlist} lists need at least {nlist} distinct images to train, there are {count}; use auto"
+            )
         sample = vectors[rng.choice(count, size=min(count, nlist * 40), replace=False)] if count else vectors
         log.info("training %s on %d vectors", spec, len(sample))
         index.train(np.ascontiguousarray(sample))
@@ -79,7 +83,13 @@ def build_faiss(vectors: np.ndarray, spec: str, *, seed: int = 0) -> faiss.Index
 
 
 def tune_search(
-    index: faiss.Index, vectors: np.ndarray, *, target_recall: float = 0.97, queries: int = 500, k: int = 10, seed: int = 0
+    index: faiss.Index,
+    vectors: np.ndarray,
+    *,
+    target_recall: float = 0.97,
+    queries: int = 500,
+    k: int = 10,
+    seed: int = 0,
 ) -> dict:
     """The smallest search breadth reaching `target_recall`; {} for exact indexes."""
     name = _breadth_parameter(index)
@@ -115,7 +125,9 @@ def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int, *, chunk:
     best_scores = np.full((len(queries), k), -np.inf, np.float32)
     best_ids = np.full((len(queries), k), -1, np.int64)
     for start in range(0, len(vectors), chunk):
-        scores, ids = faiss.knn(queries, np.ascontiguousarray(vectors[start : start + chunk]), k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, ids = faiss.knn(
+            queries, np.ascontiguousarray(vectors[start : start + chunk]), k, metric=faiss.METRIC_INNER_PRODUCT
+        )
         scores = np.concatenate([best_scores, scores], axis=1)
         ids = np.concatenate([best_ids, ids + start], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -134,7 +146,9 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError:
-            raise VlmError(f"search parameter {name} does not apply to an index of type {type(index).__name__}; rebuild the index with `vlmstack index build`") from None
+            raise VlmError(
+                f"search parameter {name} does not apply to an index of type {type(index).__name__}; rebuild the index with `vlmstack index build`"
+            ) from None
 
 
 def _breadth_parameter(index: faiss.Index) -> str | None:

@@ -96,7 +96,9 @@ def read_manifest(index_dir: Path) -> Manifest:
     except ValueError as e:  # not UTF-8, not JSON
         raise VlmError(f"{path}: corrupt manifest ({e}); {REBUILD}") from None
     if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise VlmError(f"{index_dir}: index format {data['format_version']!r}, this vlmstack reads {FORMAT_VERSION}; {REBUILD}")
+        raise VlmError(
+            f"{index_dir}: index format {data['format_version']!r}, this vlmstack reads {FORMAT_VERSION}; {REBUILD}"
+        )
     try:
         manifest = from_dict(Manifest, data, str(path))  # types, unknown and missing fields
     except VlmError as e:
@@ -120,9 +122,13 @@ def _manifest_problem(m: Manifest) -> str | None:
         (m.version >= 1, f"version must be at least 1, not {m.version}"),
     ]
     for name, value in m.search_params.items():
-        checks.append((name in SEARCH_PARAMETERS, f"unknown search parameter {name!r} (known: {', '.join(SEARCH_PARAMETERS)})"))
+        checks.append(
+            (name in SEARCH_PARAMETERS, f"unknown search parameter {name!r} (known: {', '.join(SEARCH_PARAMETERS)})")
+        )
         in_range = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEARCH_BREADTH
-        checks.append((in_range, f"search parameter {name} must be a whole number from 1 to {MAX_SEARCH_BREADTH}, not {value!r}"))
+        checks.append(
+            (in_range, f"search parameter {name} must be a whole number from 1 to {MAX_SEARCH_BREADTH}, not {value!r}")
+        )
     return next((problem for ok, problem in checks if not ok), None)
 
 
@@ -133,7 +139,9 @@ def read_faiss(index_dir: Path, manifest: Manifest) -> faiss.Index:
     except RuntimeError as e:
         raise VlmError(f"{path}: corrupt or missing FAISS file ({str(e).splitlines()[0]})") from None
     if index.ntotal != manifest.count or index.d != manifest.dim:
-        raise VlmError(f"{path}: holds {index.ntotal} x {index.d} vectors, manifest says {manifest.count} x {manifest.dim}")
+        raise VlmError(
+            f"{path}: holds {index.ntotal} x {index.d} vectors, manifest says {manifest.count} x {manifest.dim}"
+        )
     return index
 
 
@@ -179,7 +187,9 @@ def read_data(index_dir: Path, manifest: Manifest) -> IndexData:
     except (OSError, ValueError, EOFError) as e:
         raise VlmError(f"{path}: damaged vectors ({e}); {REBUILD}") from None
     if vectors.dtype != np.float32 or vectors.shape != (manifest.count, manifest.dim):
-        raise VlmError(f"{path}: holds {vectors.shape} {vectors.dtype}, the manifest says ({manifest.count}, {manifest.dim}) float32; {REBUILD}")
+        raise VlmError(
+            f"{path}: holds {vectors.shape} {vectors.dtype}, the manifest says ({manifest.count}, {manifest.dim}) float32; {REBUILD}"
+        )
     with contextlib.closing(connect_meta(index_dir, manifest)) as db:
         try:
             hashes = [h for (h,) in db.execute("SELECT sha256 FROM contents ORDER BY id")]
@@ -219,12 +229,16 @@ def check_new_index(out: Path) -> None:
     """Raises VlmError unless `out` is absent, empty, or holds only what a crashed build
     left (see new_index)."""
     if (out / MANIFEST).exists():
-        raise VlmError(f"{out} already holds an index; update it with `vlmstack index update {out}` or choose another --out")
+        raise VlmError(
+            f"{out} already holds an index; update it with `vlmstack index update {out}` or choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise VlmError(f"{out} is a file; choose an empty or new --out")
     if not out.exists():
         return
-    foreign = sorted(printable(entry.name) + "/" * entry.is_dir() for entry in out.iterdir() if not _written_by_index(entry))
+    foreign = sorted(
+        printable(entry.name) + "/" * entry.is_dir() for entry in out.iterdir() if not _written_by_index(entry)
+    )
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise VlmError(f"{out} is not empty and not an index (holds {shown}); choose an empty or new --out")

@@ -67,10 +67,14 @@ class ChatMixin:
         """
         placeholders = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
         if placeholders != len(images):
-            raise ValueError(f"the conversation has {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images were given")
+            raise ValueError(
+                f"the conversation has {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images were given"
+            )
         budget = self.max_length - max_new_tokens
         if budget < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the question in the model's {self.max_length}-token context; ask for fewer")
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for the question in the model's {self.max_length}-token context; ask for fewer"
+            )
         dropped = 0
         while True:
             length = len(encode_conversation(self.tokenizer, turns, generation_prompt=True).ids)
@@ -78,12 +82,18 @@ class ChatMixin:
             if length <= budget:
                 break
             if len(turns) <= 1:
-                raise ValueError(f"the question is too long: {length} tokens, the model takes {budget} before its answer")
+                raise ValueError(
+                    f"the question is too long: {length} tokens, the model takes {budget} before its answer"
+                )
             cut = 2 if len(turns) > 2 else 1
             lost = sum(text.count(IMAGE_TOKEN) for role, text in turns[:cut] if role == "user")
             turns, images, placeholders, dropped = turns[cut:], images[lost:], placeholders - lost, dropped + cut
         if dropped:
-            log.warning("conversation longer than the model's %d-token context: dropped the oldest %d turns", self.max_length, dropped)
+            log.warning(
+                "conversation longer than the model's %d-token context: dropped the oldest %d turns",
+                self.max_length,
+                dropped,
+            )
         return turns, images
 
     def encode(self, turns: list[tuple[str, str]], *, generation_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -96,7 +106,9 @@ class ChatMixin:
     def generate_ids(self, sequences: list[list[int]], images: list[list], config: GenerationConfig) -> list[str]:
         """Batched generation from prompt token ids (image tokens expanded) and their images."""
         prompt = self.prepare(sequences, images)
-        steps = list(generate(self, prompt, stop_ids=self.stop_ids(), pad_id=self.tokenizer.pad_token_id, config=config))
+        steps = list(
+            generate(self, prompt, stop_ids=self.stop_ids(), pad_id=self.tokenizer.pad_token_id, config=config)
+        )
         if not steps:
             return [""] * len(sequences)
         tokens = torch.stack(steps, dim=1)  # (B, new)
@@ -116,7 +128,12 @@ class ChatMixin:
         return self.answer_batch([image], [question], **generation)[0]
 
     def answer_batch(
-        self, images: Sequence[ImageSource | None], questions: Sequence[str], *, examples: list[list[tuple]] | None = None, **generation
+        self,
+        images: Sequence[ImageSource | None],
+        questions: Sequence[str],
+        *,
+        examples: list[list[tuple]] | None = None,
+        **generation,
     ) -> list[str]:
         """Answers to questions about images. `examples[i]`, if given, is a list of (image,
         question, answer) shown before question i in Flamingo's few-shot format."""
@@ -128,7 +145,9 @@ class ChatMixin:
                 sequences.append(self.expand(encoded)[0])
                 image_lists.append([im for im, _, _ in shots] + [image])
             return self.generate_ids(sequences, image_lists, config)
-        conversations = [[("user", f"{IMAGE_TOKEN}\n{q}" if image is not None else q)] for image, q in zip(images, questions)]
+        conversations = [
+            [("user", f"{IMAGE_TOKEN}\n{q}" if image is not None else q)] for image, q in zip(images, questions)
+        ]
         image_lists = [[image] if image is not None else [] for image in images]
         return self.generate_texts(conversations, image_lists, config)
 

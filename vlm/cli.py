@@ -89,7 +89,9 @@ def _eval(args) -> None:
             raise VlmError("--shot-data must not be the test split: few-shot examples come from training data")
         records = vqa_records(args.data)[: args.limit]
         shots = vqa_records(args.shot_data) if args.shots else None
-        metrics = evaluate_vqa(load_vlm(args.model), records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
+        metrics = evaluate_vqa(
+            load_vlm(args.model), records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots
+        )
     print(json.dumps(metrics))
 
 
@@ -102,8 +104,14 @@ def _index(args) -> None:
         report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec)
     elif args.action == "build":
         report = build_index(
-            args.folder, args.out, model=args.model or "clip-easyvqa", spec=args.index_spec, batch_size=args.batch_size,
-            workers=args.workers, engine=args.engine, ray_address=args.ray_address,
+            args.folder,
+            args.out,
+            model=args.model or "clip-easyvqa",
+            spec=args.index_spec,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            engine=args.engine,
+            ray_address=args.ray_address,
         )
     else:
         report = update_index(args.index, batch_size=args.batch_size, workers=args.workers)
@@ -131,8 +139,14 @@ def _embed(args) -> None:
     from retrieval.shards import embed_to_shards
 
     report = embed_to_shards(
-        args.source, args.out, model=args.model, shard_size=args.shard_size, batch_size=args.batch_size,
-        workers=args.workers, engine=args.engine, ray_address=args.ray_address,
+        args.source,
+        args.out,
+        model=args.model,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     print(report.summary())
 
@@ -162,7 +176,9 @@ def _app(args) -> None:
     from apps.gradio_app import launch
 
     if args.allow_remote:
-        logging.getLogger("vlmstack").warning("serving on %s: anyone who can reach this address can use the app", args.host)
+        logging.getLogger("vlmstack").warning(
+            "serving on %s: anyone who can reach this address can use the app", args.host
+        )
     launch(index=args.index, models=args.model, host=args.host, port=args.port, allow_remote=args.allow_remote)
 
 
@@ -173,8 +189,17 @@ def _ship(args) -> None:
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: run on Ray Data actors (pip install 'vlmstack[ray]')")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local Ray)")
+    parser.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="ray: run on Ray Data actors (pip install 'vlmstack[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local Ray)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,41 +215,65 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory; becomes the model directory")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--stage", default="all", choices=["all", "1", "2"], help="llava: which stage (1 -> OUT/stage1)")
-    train.add_argument("--init", default=None, help="continue this model (shipped name or directory); llava: stage 2 only (default OUT/stage1)")
+    train.add_argument(
+        "--init",
+        default=None,
+        help="continue this model (shipped name or directory); llava: stage 2 only (default OUT/stage1)",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")
     evaluate.add_argument("kind", choices=["clip", "vqa"], help="clip: retrieval metrics; vqa: answer accuracy")
-    evaluate.add_argument("--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH")
+    evaluate.add_argument(
+        "--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH"
+    )
     evaluate.add_argument("--data", required=True, help="easyvqa:train, easyvqa:test, or a .jsonl/.csv file")
     evaluate.add_argument("--batch-size", type=whole(1), default=64)
     evaluate.add_argument("--limit", type=whole(1), default=None, help="score only the first N examples")
-    evaluate.add_argument("--shots", type=whole(0, 16), default=0, help="vqa: K solved examples before each question (few-shot)")
-    evaluate.add_argument("--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)")
+    evaluate.add_argument(
+        "--shots", type=whole(0, 16), default=0, help="vqa: K solved examples before each question (few-shot)"
+    )
+    evaluate.add_argument(
+        "--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)"
+    )
     evaluate.set_defaults(run=_eval)
 
     index = commands.add_parser("index", help="build or update an image index of a folder")
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="index every image under a folder")
-    build.add_argument("folder", help="folder of images (searched recursively), or an embeddings folder from `vlmstack embed`")
+    build.add_argument(
+        "folder", help="folder of images (searched recursively), or an embeddings folder from `vlmstack embed`"
+    )
     build.add_argument("--out", required=True, help="index directory to create")
-    build.add_argument("--model", default=None, help="CLIP model (default: clip-easyvqa; an embeddings folder keeps its own)")
+    build.add_argument(
+        "--model", default=None, help="CLIP model (default: clip-easyvqa; an embeddings folder keeps its own)"
+    )
     build.add_argument("--index-spec", default="auto", help="FAISS index_factory string, or auto (by size)")
     update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
     update.add_argument("index", help="index directory")
     for sub in (build, update):
         sub.add_argument("--batch-size", type=whole(1), default=256)
-        sub.add_argument("--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)")
+        sub.add_argument(
+            "--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)"
+        )
     _engine_arguments(build)
     index.set_defaults(run=_index)
 
-    embed = commands.add_parser("embed", help="embed a big folder or webdataset into resumable shards (then `index build` them)")
-    embed.add_argument("source", help="folder of images, or webdataset shards (a .tar, a folder of them, or {00000..00099}.tar)")
+    embed = commands.add_parser(
+        "embed", help="embed a big folder or webdataset into resumable shards (then `index build` them)"
+    )
+    embed.add_argument(
+        "source", help="folder of images, or webdataset shards (a .tar, a folder of them, or {00000..00099}.tar)"
+    )
     embed.add_argument("--out", required=True, help="embeddings folder: NNNNN.npy + NNNNN.jsonl per shard")
     embed.add_argument("--model", default="clip-easyvqa", help="CLIP model (default: clip-easyvqa)")
-    embed.add_argument("--shard-size", type=whole(1), default=10_000, help="images per shard; a crash loses at most one")
+    embed.add_argument(
+        "--shard-size", type=whole(1), default=10_000, help="images per shard; a crash loses at most one"
+    )
     embed.add_argument("--batch-size", type=whole(1), default=256)
-    embed.add_argument("--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)")
+    embed.add_argument(
+        "--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)"
+    )
     _engine_arguments(embed)
     embed.set_defaults(run=_embed)
 
@@ -240,27 +289,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser("caption", help="caption every image in a folder (resumable)")
     caption.add_argument("folder", help="folder of images, or webdataset shards")
-    caption.add_argument("--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory")
+    caption.add_argument(
+        "--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory"
+    )
     caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
-    caption.add_argument("--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl")
-    caption.add_argument("--prompt", default=None, help="instruction given with each image (default: the caption instruction the models learnt)")
+    caption.add_argument(
+        "--format", default=None, choices=["jsonl", "csv", "txt"], help="default: from --out's extension, else jsonl"
+    )
+    caption.add_argument(
+        "--prompt",
+        default=None,
+        help="instruction given with each image (default: the caption instruction the models learnt)",
+    )
     caption.add_argument("--batch-size", type=whole(1), default=16)
     caption.add_argument("--max-new-tokens", type=whole(1, MAX_NEW_TOKENS), default=32)
     caption.add_argument("--recursive", action="store_true", help="include images in subfolders")
-    caption.add_argument("--overwrite", action="store_true", help="start over instead of skipping images already captioned")
+    caption.add_argument(
+        "--overwrite", action="store_true", help="start over instead of skipping images already captioned"
+    )
     caption.add_argument("--workers", type=whole(1), default=2, help="Ray actors (with --engine ray)")
     _engine_arguments(caption)
     caption.set_defaults(run=_caption)
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
     app.add_argument("--index", default=None, help="index to search (default: the easy-VQA test images, built once)")
-    app.add_argument("--model", action="append", default=[], help="a LLaVA/Flamingo model directory to offer beside the shipped ones (repeatable)")
+    app.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a LLaVA/Flamingo model directory to offer beside the shipped ones (repeatable)",
+    )
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    app.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)")
+    app.add_argument(
+        "--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)"
+    )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
     app.set_defaults(run=_app)
 
-    ship = commands.add_parser("ship", help="developers: put a trained model inside the package as a shipped name (fp16)")
+    ship = commands.add_parser(
+        "ship", help="developers: put a trained model inside the package as a shipped name (fp16)"
+    )
     ship.add_argument("directory", help="trained model directory")
     ship.add_argument("--name", required=True, help="shipped name, e.g. llava-easyvqa")
     ship.set_defaults(run=_ship)

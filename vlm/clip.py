@@ -45,7 +45,9 @@ class ClipConfig:
         """Refuse values no CLIP can be built from (ValueError naming the field); the
         normalisation lists that JSON gives become tuples."""
         cfg = self.model_cfg
-        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(tower), dict) for tower in ("vision_cfg", "text_cfg")):
+        if not isinstance(cfg, dict) or not all(
+            isinstance(cfg.get(tower), dict) for tower in ("vision_cfg", "text_cfg")
+        ):
             raise ValueError(f"model_cfg must be an object with vision_cfg and text_cfg objects, not {cfg!r:.80}")
         if not hub.is_count(cfg.get("embed_dim")):
             raise ValueError(f"model_cfg.embed_dim must be a whole number of at least 1, not {cfg.get('embed_dim')!r}")
@@ -60,7 +62,9 @@ class ClipConfig:
 def _per_channel(name: str, value, *, positive: bool) -> tuple:
     """Three numbers, one per RGB channel (above 0 if `positive`), as a tuple; else ValueError."""
     numbers = isinstance(value, (list, tuple)) and len(value) == 3
-    numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    numbers = numbers and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
     if not numbers or (positive and min(value) <= 0):
         raise ValueError(f"{name} must be 3 {'positive ' if positive else ''}numbers (R, G, B), not {value!r:.80}")
     return tuple(value)
@@ -109,7 +113,9 @@ class Clip(nn.Module):
         text_cfg = model_cfg["text_cfg"]
         context_length = text_cfg.get("context_length", 77)
         if "hf_tokenizer_name" in text_cfg:
-            self.tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+            self.tokenizer = open_clip.tokenizer.HFTokenizer(
+                text_cfg["hf_tokenizer_name"], context_length=context_length
+            )
         else:
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         self.fingerprint = "random-init"  # names the weights; set by the loaders
@@ -157,7 +163,10 @@ class Clip(nn.Module):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
         """(N, D) float32 embeddings of texts."""
-        chunks = [self.text_features(self.tokenize(texts[s : s + batch_size])).float() for s in range(0, len(texts), batch_size)]
+        chunks = [
+            self.text_features(self.tokenize(texts[s : s + batch_size])).float()
+            for s in range(0, len(texts), batch_size)
+        ]
         return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim)
 
     def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:

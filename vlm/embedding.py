@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
-from vlm.progress import progress_bar
 
 from vlm.data.image_text import ImageDataset, collate_images
 from vlm.images import ImageSource
+from vlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ def embed_images(
         persistent_workers=False,
     )
     vectors, indices, failures = [], [], []
-    with torch.inference_mode(), progress_bar(total=len(sources), desc="embedding", unit="img", disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        progress_bar(total=len(sources), desc="embedding", unit="img", disable=not progress) as bar,
+    ):
         for batch in loader:
             for index, reason in batch["skipped"]:
                 log.warning("skipped %s", reason)

@@ -58,12 +58,19 @@ class FlamingoContext:
 class FlamingoModel(VisionLanguageModel):
     config_class = FlamingoConfig
 
-    def __init__(self, *, config: FlamingoConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
+    def __init__(
+        self, *, config: FlamingoConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None
+    ):
         super().__init__(config=config, tokenizer=tokenizer, vision=vision, lm=lm)
         self.resampler = PerceiverResampler(dim=self.vision.width, config=config.resampler)
 
         def make_block() -> GatedCrossAttentionBlock:
-            return GatedCrossAttentionBlock(dim=self.hidden_size, media_dim=self.vision.width, heads=config.xattn_heads, head_dim=config.xattn_head_dim)
+            return GatedCrossAttentionBlock(
+                dim=self.hidden_size,
+                media_dim=self.vision.width,
+                heads=config.xattn_heads,
+                head_dim=config.xattn_head_dim,
+            )
 
         self._wrapped = wrap_layers(decoder_layers(self.lm), every=config.cross_attn_every, make_block=make_block)
 

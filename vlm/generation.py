@@ -71,7 +71,9 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
 
 
 @torch.inference_mode()
-def generate(model, prompt: Prompt, *, stop_ids: tuple[int, ...], pad_id: int, config: GenerationConfig) -> Iterator[torch.Tensor]:
+def generate(
+    model, prompt: Prompt, *, stop_ids: tuple[int, ...], pad_id: int, config: GenerationConfig
+) -> Iterator[torch.Tensor]:
     """Yield (B,) tokens per step until every row has produced one of `stop_ids` or the limit.
 
     Rows that finished keep receiving `pad_id`.

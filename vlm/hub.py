@@ -55,9 +55,13 @@ def read_config(directory: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise VlmError(f"{path}: not valid JSON ({_first_line(e)}); restore the file from where the model came from") from None
+        raise VlmError(
+            f"{path}: not valid JSON ({_first_line(e)}); restore the file from where the model came from"
+        ) from None
     if not isinstance(data, dict):
-        raise VlmError(f"{path}: must hold a JSON object, not a {type(data).__name__}; restore the file from where the model came from")
+        raise VlmError(
+            f"{path}: must hold a JSON object, not a {type(data).__name__}; restore the file from where the model came from"
+        )
     return data
 
 
@@ -76,7 +80,9 @@ def config_errors(directory: Path, kind: str):
         yield
     except (TypeError, ValueError, KeyError, RuntimeError, VlmError) as e:
         reason = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else _first_line(e)
-        raise VlmError(f"{Path(directory) / CONFIG_FILE}: not a valid {kind} config ({reason}); fix it or save the model again") from None
+        raise VlmError(
+            f"{Path(directory) / CONFIG_FILE}: not a valid {kind} config ({reason}); fix it or save the model again"
+        ) from None
 
 
 def _first_line(error: Exception) -> str:
@@ -85,7 +91,7 @@ def _first_line(error: Exception) -> str:
 
 
 def model_kind(directory: Path) -> str:
-    """"clip", "llava", "flamingo", or "lm" for a Hugging Face language model directory."""
+    """ "clip", "llava", "flamingo", or "lm" for a Hugging Face language model directory."""
     config = read_config(directory)
     return config.get("kind", "lm" if "model_type" in config else "unknown")
 
@@ -120,9 +126,13 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         state = load_file(str(path))
     except (SafetensorError, ValueError) as e:  # ValueError: the aliases are not JSON
-        raise VlmError(f"{path}: not a readable safetensors file ({_first_line(e)}); the copy is damaged, fetch it again") from None
+        raise VlmError(
+            f"{path}: not a readable safetensors file ({_first_line(e)}); the copy is damaged, fetch it again"
+        ) from None
     if not isinstance(aliases, dict):
-        raise VlmError(f"{path}: not a readable safetensors file (its aliases are not an object); the copy is damaged, fetch it again")
+        raise VlmError(
+            f"{path}: not a readable safetensors file (its aliases are not an object); the copy is damaged, fetch it again"
+        )
     return state, aliases
 
 
@@ -184,7 +194,9 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
-def write_run_card(directory: Path, *, model: torch.nn.Module, train_seconds: float, validation: dict, **fields) -> dict:
+def write_run_card(
+    directory: Path, *, model: torch.nn.Module, train_seconds: float, validation: dict, **fields
+) -> dict:
     """The card of a finished training run: `fields` (kind, recipe, ...) plus what every
     trainer records: the command, training time, parameter counts, machine and validation."""
     return update_card(

@@ -79,9 +79,7 @@ def _decode(source, name: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(
-                f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}"
-            )
+            raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
         image.seek(0)  # first frame of an animated GIF/WebP
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -142,9 +140,7 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(
-    image: Image.Image, *, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def to_tensor(image: Image.Image, *, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB image -> normalised float tensor (3, size, size), the model's input."""
     image = resize_and_crop(image, size)
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)

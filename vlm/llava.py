@@ -37,7 +37,9 @@ class LlavaConfig:
 class LlavaModel(VisionLanguageModel):
     config_class = LlavaConfig
 
-    def __init__(self, *, config: LlavaConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
+    def __init__(
+        self, *, config: LlavaConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None
+    ):
         super().__init__(config=config, tokenizer=tokenizer, vision=vision, lm=lm)
         self.projector = build_projector(config.projector, self.vision.width, self.hidden_size)
 
@@ -60,7 +62,9 @@ class LlavaModel(VisionLanguageModel):
         n = self.image_token_count
         given = 0 if image_features is None else image_features.shape[0]
         if int(slots.sum()) != given * n:
-            raise ValueError(f"the text has {int(slots.sum()) / n:g} {IMAGE_TOKEN} placeholders but {given} images were given")
+            raise ValueError(
+                f"the text has {int(slots.sum()) / n:g} {IMAGE_TOKEN} placeholders but {given} images were given"
+            )
         if given == 0:
             return embeds
         return embeds.masked_scatter(slots[..., None], image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
@@ -87,7 +91,9 @@ class LlavaModel(VisionLanguageModel):
         return Prompt(self.splice(input_ids, torch.stack(features) if features else None), attention_mask)
 
 
-def build_llava(*, vision: VisionTower, lm: nn.Module, tokenizer, projector: str = "mlp2x_gelu", max_length: int = 512) -> LlavaModel:
+def build_llava(
+    *, vision: VisionTower, lm: nn.Module, tokenizer, projector: str = "mlp2x_gelu", max_length: int = 512
+) -> LlavaModel:
     """A new LLaVA model from a pretrained vision tower and LM (the projector is random)."""
     check_max_length(lm, max_length)
     config = LlavaConfig(vision=vision.config, lm=lm.config.to_dict(), projector=projector, max_length=max_length)

@@ -54,7 +54,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=list(MEDIA_TOKENS)
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(MEDIA_TOKENS),
     )
 
 
@@ -80,7 +84,9 @@ def build_tiny_lm(config: TinyLmConfig, tokenizer) -> nn.Module:
 def lm_from_config(config: dict) -> nn.Module:
     """An untrained causal LM from a Hugging Face config dict (weights loaded separately)."""
     config = dict(config)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa"
+    )
 
 
 def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
@@ -93,7 +99,9 @@ def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     source = str(directory) if directory else spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            source, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa"
+        )
     except (OSError, ValueError) as e:
         names = ", ".join(hub.shipped_names()) or "none"
         raise VlmError(f"cannot load language model {spec!r} ({str(e).splitlines()[0]}); shipped: {names}") from None

@@ -24,4 +24,6 @@ def load_vlm(spec: str):
         return FlamingoModel.load(directory)
     names = [n for n in hub.shipped_names() if hub.model_kind(hub.WEIGHTS_DIR / n) in VQA_KINDS]
     what = f"a {kind} model, not a VQA model" if kind else "not a shipped name or model directory"
-    raise VlmError(f"{spec!r} is {what}; VQA models: {', '.join(names) or 'none shipped'}, or a trained LLaVA/Flamingo directory")
+    raise VlmError(
+        f"{spec!r} is {what}; VQA models: {', '.join(names) or 'none shipped'}, or a trained LLaVA/Flamingo directory"
+    )

@@ -46,7 +46,9 @@ def _source(batch: dict, i: int) -> ImageSource:
     return TarMember(path, str(batch["name"][i]), offset, int(batch["size"][i])) if offset >= 0 else path
 
 
-def _run(actor, constructor: dict, sources: Sequence[ImageSource], *, batch_size: int, workers: int, address, progress: bool) -> Iterator[dict]:
+def _run(
+    actor, constructor: dict, sources: Sequence[ImageSource], *, batch_size: int, workers: int, address, progress: bool
+) -> Iterator[dict]:
     """Rows {"index", ...outputs} from `actor` over `sources`, in input order."""
     ray = init_ray(address)
     context = ray.data.DataContext.get_current()
@@ -92,7 +94,15 @@ class _EmbedActor:
 def embed_stream(model: str, sources: Sequence[ImageSource], *, batch_size=256, workers=2, address=None, progress=True):
     """(input position, (D,) float32 vector or None, error or None) per source, in order,
     as the actors finish them; the model is given by name (each actor loads it)."""
-    for row in _run(_EmbedActor, {"model": model}, sources, batch_size=batch_size, workers=workers, address=address, progress=progress):
+    for row in _run(
+        _EmbedActor,
+        {"model": model},
+        sources,
+        batch_size=batch_size,
+        workers=workers,
+        address=address,
+        progress=progress,
+    ):
         yield int(row["index"]), (None if row["error"] else row["vector"]), (row["error"] or None)
 
 
@@ -103,7 +113,9 @@ def embed_images(model: str, sources: Sequence[ImageSource], *, batch_size=256, 
     from vlm.embedding import Embeddings
 
     vectors, indices, failures = [], [], []
-    for index, vector, error in embed_stream(model, sources, batch_size=batch_size, workers=workers, address=address, progress=progress):
+    for index, vector, error in embed_stream(
+        model, sources, batch_size=batch_size, workers=workers, address=address, progress=progress
+    ):
         if error:
             log.warning("skipped %s", error)
             failures.append((index, error))
@@ -132,17 +144,33 @@ class _CaptionActor:
             except VlmError as e:
                 errors[i] = str(e)
         if pictures:
-            answers = self.model.answer_batch(pictures, [self.prompt] * len(pictures), max_new_tokens=self.max_new_tokens)
+            answers = self.model.answer_batch(
+                pictures, [self.prompt] * len(pictures), max_new_tokens=self.max_new_tokens
+            )
             for i, answer in zip(readable, answers):
                 captions[i] = answer
-        return {"index": batch["index"], "caption": np.array(captions, dtype=object), "error": np.array(errors, dtype=object)}
+        return {
+            "index": batch["index"],
+            "caption": np.array(captions, dtype=object),
+            "error": np.array(errors, dtype=object),
+        }
 
 
 def caption_images(
-    model: str, sources: Sequence[ImageSource], *, prompt: str, max_new_tokens: int, batch_size=16, workers=2, address=None, progress=True
+    model: str,
+    sources: Sequence[ImageSource],
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    batch_size=16,
+    workers=2,
+    address=None,
+    progress=True,
 ) -> Iterator[tuple[int, str | None, str | None]]:
     """(input position, caption or None, error or None) for each source, in order, as
     the actors finish them."""
     constructor = {"model": model, "prompt": prompt, "max_new_tokens": max_new_tokens}
-    for row in _run(_CaptionActor, constructor, sources, batch_size=batch_size, workers=workers, address=address, progress=progress):
+    for row in _run(
+        _CaptionActor, constructor, sources, batch_size=batch_size, workers=workers, address=address, progress=progress
+    ):
         yield int(row["index"]), (None if row["error"] else row["caption"]), (row["error"] or None)

@@ -25,7 +25,9 @@ class ResamplerConfig:
 
 
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
 
 
 class PerceiverAttention(nn.Module):
@@ -54,7 +56,12 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * dim**-0.5)
         self.frame_embeddings = nn.Parameter(torch.zeros(config.max_frames, dim))  # time embeddings
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, heads=config.heads, head_dim=config.head_dim), feed_forward(dim, config.ff_mult)])
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim=dim, heads=config.heads, head_dim=config.head_dim),
+                    feed_forward(dim, config.ff_mult),
+                ]
+            )
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -63,7 +70,9 @@ class PerceiverResampler(nn.Module):
         """(B, F, N, D) features of B media items with F frames of N patches -> (B, R, D)."""
         batch, frames = features.shape[:2]
         if frames > self.frame_embeddings.shape[0]:
-            raise ValueError(f"{frames} frames per media item; this resampler takes at most {self.frame_embeddings.shape[0]}")
+            raise ValueError(
+                f"{frames} frames per media item; this resampler takes at most {self.frame_embeddings.shape[0]}"
+            )
         media = (features + self.frame_embeddings[:frames, None]).flatten(1, 2)  # (B, F*N, D)
         latents = self.latents.expand(batch, -1, -1)
         for attention, ff in self.layers:

@@ -29,7 +29,9 @@ def check_version(data: dict, where: str) -> None:
     """Raises VlmError unless `data` is of a schema version this vlmstack reads."""
     version = data.get("schema_version", 1)
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise VlmError(f"{where}: schema_version {version!r} is not one this vlmstack reads ({', '.join(map(str, READABLE_VERSIONS))}); upgrade vlmstack")
+        raise VlmError(
+            f"{where}: schema_version {version!r} is not one this vlmstack reads ({', '.join(map(str, READABLE_VERSIONS))}); upgrade vlmstack"
+        )
 
 
 def from_dict(cls: type[T], data: Any, where: str) -> T:
@@ -49,7 +51,9 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     if unknown:
         raise VlmError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {name: _value(hints[name], value, f"{where} [{name}]") for name, value in data.items() if fields[name].init}
+    values = {
+        name: _value(hints[name], value, f"{where} [{name}]") for name, value in data.items() if fields[name].init
+    }
     missing = [f.name for f in fields.values() if f.init and f.name not in values and _required(f)]
     if missing:
         raise VlmError(f"{where}: missing {', '.join(missing)}")

@@ -22,7 +22,11 @@ def ship(run_dir: str | Path, name: str) -> Path:
     run_dir, target = Path(run_dir), WEIGHTS_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     for extra in run_dir.iterdir():
-        if extra.is_file() and (extra.suffix == ".json" or extra.name.startswith("tokenizer")) and not extra.name.startswith("checkpoint"):
+        if (
+            extra.is_file()
+            and (extra.suffix == ".json" or extra.name.startswith("tokenizer"))
+            and not extra.name.startswith("checkpoint")
+        ):
             write_bytes(target / extra.name, extra.read_bytes())
     with safe_open(str(run_dir / WEIGHTS_FILE), "pt") as f:
         metadata = f.metadata()

@@ -30,9 +30,13 @@ class VisionTower(nn.Module):
         clip_config, layer = config.clip, config.layer
         cfg = clip_config.model_cfg
         vision_cfg = open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"])
-        self.visual = open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+        self.visual = open_clip.model._build_vision_tower(
+            cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False)
+        )
         if not isinstance(self.visual, VisionTransformer):
-            raise VlmError(f"{clip_config.source}: patch features need a ViT image tower, not {type(self.visual).__name__}")
+            raise VlmError(
+                f"{clip_config.source}: patch features need a ViT image tower, not {type(self.visual).__name__}"
+            )
         depth = len(self.visual.transformer.resblocks)
         if not -depth <= layer < depth:
             raise VlmError(f"vision layer {layer} out of range for a {depth}-layer ViT")

@@ -72,7 +72,9 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         """Token ids and labels of an encoded conversation with each image's tokens expanded."""
 
     @abc.abstractmethod
-    def build_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor], counts: list[int]) -> Prompt:
+    def build_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor], counts: list[int]
+    ) -> Prompt:
         """(B, T) left-padded ids and mask, the images' features in reading order and how
         many images each row has -> the Prompt `step` continues from."""
 
@@ -96,7 +98,13 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         """One LM call for generation (see vlm/generation.py): (B, T, H) embeds -> ((B, T, V) logits, cache)."""
         cache = cache if cache is not None else DynamicCache()
         with self.media(prompt, start, embeds.shape[1]):
-            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
         return out.logits, out.cache
 
     def save(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
@@ -117,7 +125,9 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except (OSError, ValueError, json.JSONDecodeError) as e:
-            raise VlmError(f"{directory}: cannot read the tokenizer files ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise VlmError(
+                f"{directory}: cannot read the tokenizer files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         with hub.config_errors(directory, config.kind):
             if not hub.is_count(config.max_length):
                 raise ValueError(f"max_length must be a whole number of at least 1, not {config.max_length!r}")

@@ -60,7 +60,10 @@ def vqa_conversations(records: list[VqaRecord], *, max_turns: int = 4, seed: int
             start += len(group)
             turns = []
             for k, q in enumerate(group):
-                turns += [_turn("human", f"{IMAGE_TOKEN}\n{q.question}" if k == 0 else q.question), _turn("gpt", q.answer)]
+                turns += [
+                    _turn("human", f"{IMAGE_TOKEN}\n{q.question}" if k == 0 else q.question),
+                    _turn("gpt", q.answer),
+                ]
             conversations.append({"id": f"vqa-{len(conversations)}", "image": image, "conversations": turns})
     return conversations
 
@@ -92,7 +95,9 @@ def read_llava_json(path: str | Path) -> list[dict]:
 RECALL_QUESTIONS = {"color": "which color did I ask about?", "shape": "which shape did I ask about?"}
 
 
-def add_recall_questions(conversations: list[dict], fraction: float, *, attributes=("color", "shape"), seed: int = 0) -> list[dict]:
+def add_recall_questions(
+    conversations: list[dict], fraction: float, *, attributes=("color", "shape"), seed: int = 0
+) -> list[dict]:
     """After each yes/no question that names a colour (or a shape; `attributes` says
     which), with probability `fraction`, ask back which colour (shape) was asked about;
     the answer is that word. In place; returns them.
@@ -127,7 +132,14 @@ def easyvqa_conversations(split: str, mix: EasyVqaMix | None = None, *, seed: in
     followed by recall questions (add_recall_questions)."""
     mix = mix or EasyVqaMix()
     records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(
-        split, mix.yes_no_per_image, negated=mix.yes_no_negated, skew=mix.yes_no_skew, skew_attributes=mix.yes_no_skew_attributes, seed=seed
+        split,
+        mix.yes_no_per_image,
+        negated=mix.yes_no_negated,
+        skew=mix.yes_no_skew,
+        skew_attributes=mix.yes_no_skew_attributes,
+        seed=seed,
     )
-    questions = add_recall_questions(vqa_conversations(records, seed=seed), mix.recall_questions, attributes=mix.recall_attributes, seed=seed)
+    questions = add_recall_questions(
+        vqa_conversations(records, seed=seed), mix.recall_questions, attributes=mix.recall_attributes, seed=seed
+    )
     return questions + caption_conversations(easyvqa.caption_records(split), seed=seed)

@@ -161,14 +161,25 @@ def tilted_rate(value: str, skew: float) -> float:
 # easy-VQA's yes/no question forms, as (template, negated); {} is "a red shape" style
 # ("red shape") or a shape name ("circle"). The negated four are the first four with "not"/"no".
 YES_NO_FORMS = (
-    ("is there a {}?", False), ("is there a {} in the image?", False), ("is a {} present?", False),
-    ("does the image contain a {}?", False), ("is there not a {}?", True), ("is there not a {} in the image?", True),
-    ("is no {} present?", True), ("does the image not contain a {}?", True),
+    ("is there a {}?", False),
+    ("is there a {} in the image?", False),
+    ("is a {} present?", False),
+    ("does the image contain a {}?", False),
+    ("is there not a {}?", True),
+    ("is there not a {} in the image?", True),
+    ("is no {} present?", True),
+    ("does the image not contain a {}?", True),
 )
 
 
 def balanced_yes_no(
-    split: str, per_image: int, *, negated: float = 0.5, skew: float = 0.0, skew_attributes=("color", "shape"), seed: int = 0
+    split: str,
+    per_image: int,
+    *,
+    negated: float = 0.5,
+    skew: float = 0.0,
+    skew_attributes=("color", "shape"),
+    seed: int = 0,
 ) -> list[VqaRecord]:
     """`per_image` extra yes/no questions per image, in easy-VQA's own forms, half of
     them about what the image shows. easy-VQA's colour questions are ~88% about an absent

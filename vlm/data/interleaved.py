@@ -29,11 +29,19 @@ def fewshot_records(records: list[VqaRecord], count: int, *, max_chunks: int = 4
     out = []
     for i in range(count):
         chunks = rng.sample(records, rng.randint(1, max_chunks))
-        out.append({"id": f"fewshot-{i}", "images": [r.image for r in chunks], "fewshot": [[r.question, r.answer] for r in chunks]})
+        out.append(
+            {
+                "id": f"fewshot-{i}",
+                "images": [r.image for r in chunks],
+                "fewshot": [[r.question, r.answer] for r in chunks],
+            }
+        )
     return out
 
 
-def pair_records(images: list[easyvqa.EasyVqaImage], count: int, *, recall: float = 0.0, skew: float = 0.0, seed: int = 0) -> list[dict]:
+def pair_records(
+    images: list[easyvqa.EasyVqaImage], count: int, *, recall: float = 0.0, skew: float = 0.0, seed: int = 0
+) -> list[dict]:
     """Two-image comparisons, balanced between yes and no for each attribute; a `recall`
     fraction of them followed by FIRST_IMAGE_QUESTIONS, answered from the first image.
 

@@ -64,7 +64,13 @@ class ConversationDataset(Dataset):
     [(3, S, S)]} or Skipped. Tokenising happens up front (`encode_records`), so workers
     only decode images (and augment each one when `augment`, PIL -> PIL, is given)."""
 
-    def __init__(self, sequences: Sequence[tuple[list[int], list[int], list[str]]], *, transform: ImageTransform, augment: Callable | None = None):
+    def __init__(
+        self,
+        sequences: Sequence[tuple[list[int], list[int], list[str]]],
+        *,
+        transform: ImageTransform,
+        augment: Callable | None = None,
+    ):
         self.sequences, self.transform, self.augment = sequences, transform, augment
 
     def __len__(self) -> int:

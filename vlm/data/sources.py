@@ -16,7 +16,7 @@ BUILTIN = tuple(f"easyvqa:{split}" for split in easyvqa.SPLITS)
 
 
 def builtin_split(spec: str) -> str | None:
-    """"train"/"test" for a built-in name, None for a file path."""
+    """ "train"/"test" for a built-in name, None for a file path."""
     if not spec.startswith("easyvqa:"):
         return None
     if spec not in BUILTIN:

@@ -88,7 +88,10 @@ def shard_paths(spec: str | Path) -> list[Path]:
     if match:
         first, last = match.group(1), match.group(2)
         width = len(first)
-        paths = [Path(spec[: match.start()] + str(i).zfill(width) + spec[match.end() :]) for i in range(int(first), int(last) + 1)]
+        paths = [
+            Path(spec[: match.start()] + str(i).zfill(width) + spec[match.end() :])
+            for i in range(int(first), int(last) + 1)
+        ]
     elif Path(spec).is_dir():
         paths = sorted(Path(spec).glob("*.tar"))
     else:
@@ -136,7 +139,9 @@ def image_members(spec: str | Path) -> list[TarMember]:
     return [image for _, image, _ in samples(spec) if image]
 
 
-def write_shards(items: Iterable[tuple[bytes, str, str | None]], folder: str | Path, *, per_shard: int = 1000) -> list[Path]:
+def write_shards(
+    items: Iterable[tuple[bytes, str, str | None]], folder: str | Path, *, per_shard: int = 1000
+) -> list[Path]:
     """Write (image bytes, image extension, caption) samples as shards 00000.tar, 00001.tar, ..."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +154,9 @@ def write_shards(items: Iterable[tuple[bytes, str, str | None]], folder: str | P
             shards.append(folder / f"{len(shards):05d}.tar")
             tar = tarfile.open(shards[-1], "w")
         key = f"{index:08d}"
-        files = [(f"{key}.{extension}", data)] + ([(f"{key}.txt", caption.encode("utf-8"))] if caption is not None else [])
+        files = [(f"{key}.{extension}", data)] + (
+            [(f"{key}.txt", caption.encode("utf-8"))] if caption is not None else []
+        )
         for name, payload in files:
             info = tarfile.TarInfo(name)
             info.size = len(payload)

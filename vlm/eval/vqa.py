@@ -88,9 +88,16 @@ def evaluate_vqa(
                 if record.image in images:
                     usable.append(record)
             if usable:
-                examples = [[(e.image, e.question, e.answer) for e in rng.sample(shot_pool, shots)] for _ in usable] if shots else None
+                examples = (
+                    [[(e.image, e.question, e.answer) for e in rng.sample(shot_pool, shots)] for _ in usable]
+                    if shots
+                    else None
+                )
                 predictions += model.answer_batch(
-                    [images[r.image] for r in usable], [r.question for r in usable], examples=examples, max_new_tokens=max_new_tokens
+                    [images[r.image] for r in usable],
+                    [r.question for r in usable],
+                    examples=examples,
+                    max_new_tokens=max_new_tokens,
                 )
                 answers += [r.answer for r in usable]
             if len(images) > 4 * batch_size:  # keep only images still to come

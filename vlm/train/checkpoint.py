@@ -44,7 +44,9 @@ def load_checkpoint(run_dir: Path) -> dict:
     if not record_path.is_file() or not state_path.is_file():
         raise VlmError(f"{run_dir}: incomplete checkpoint ({STATE_FILE} and {RECORD_FILE} must both exist)")
     if sha256_file(state_path) != _recorded_sha256(record_path):
-        raise VlmError(f"{state_path}: checksum does not match {RECORD_FILE}; the checkpoint is damaged, refusing to load it")
+        raise VlmError(
+            f"{state_path}: checksum does not match {RECORD_FILE}; the checkpoint is damaged, refusing to load it"
+        )
     try:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -62,7 +62,9 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         if recipe.loss == "siglip":  # SigLIP's initialisation: t = 10, b = -10
             clip.config.model_cfg.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
             clip = type(clip)(config=clip.config)
-    train_records, val_records = split_by_image(caption_records(recipe.data), recipe.val_fraction, image=lambda r: r.image)
+    train_records, val_records = split_by_image(
+        caption_records(recipe.data), recipe.val_fraction, image=lambda r: r.image
+    )
     log.info("%d training pairs, %d held out for validation", len(train_records), len(val_records))
 
     augment = Augment(recipe.augment) if recipe.augment else None
@@ -90,8 +92,14 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         return metrics
     clip.save(out)
     hub.write_run_card(
-        out, model=clip, train_seconds=trainer.train_seconds, validation=metrics,
-        kind="clip", recipe=recipe_json, resolved_recipe=asdict(recipe),
-        wall_seconds_this_run=round(time.time() - started, 1), skipped_images=trainer.skipped,
+        out,
+        model=clip,
+        train_seconds=trainer.train_seconds,
+        validation=metrics,
+        kind="clip",
+        recipe=recipe_json,
+        resolved_recipe=asdict(recipe),
+        wall_seconds_this_run=round(time.time() - started, 1),
+        skipped_images=trainer.skipped,
     )
     return metrics

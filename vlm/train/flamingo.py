@@ -48,7 +48,9 @@ class FlamingoRecipe:
     xattn_head_dim: int = 64
     max_length: int = 256  # tokens per sequence (an image is one token)
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
-    mix: EasyVqaMix = field(default_factory=lambda: EasyVqaMix(fewshot_sequences=8000, pair_questions=8000))  # built-in data only
+    mix: EasyVqaMix = field(
+        default_factory=lambda: EasyVqaMix(fewshot_sequences=8000, pair_questions=8000)
+    )  # built-in data only
     val_fraction: float = 0.02  # images held out for validation
     augment: AugmentConfig | None = None  # training-image augmentation (vlm/data/augment.py); None = none
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -74,7 +76,9 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
     split = builtin_split(recipe.data)
     if split:
         records += fewshot_records(easyvqa.vqa_records(split), mix.fewshot_sequences, seed=1)
-        records += pair_records(list(easyvqa.images(split)), mix.pair_questions, recall=mix.recall_questions, skew=mix.yes_no_skew, seed=2)
+        records += pair_records(
+            list(easyvqa.images(split)), mix.pair_questions, recall=mix.recall_questions, skew=mix.yes_no_skew, seed=2
+        )
     return records
 
 
@@ -91,15 +95,30 @@ def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False, i
     train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     card = {"kind": "flamingo", "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
     augment = Augment(recipe.augment) if recipe.augment else None
-    return train_stage(model, records=train, val_records=val, config=recipe.train, run_dir=Path(out), resume=resume, card=card, augment=augment)
+    return train_stage(
+        model,
+        records=train,
+        val_records=val,
+        config=recipe.train,
+        run_dir=Path(out),
+        resume=resume,
+        card=card,
+        augment=augment,
+    )
 
 
 def _new_model(recipe: FlamingoRecipe) -> FlamingoModel:
     vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
     lm, tokenizer = load_lm(recipe.lm)
     return build_flamingo(
-        vision=vision, lm=lm, tokenizer=tokenizer, resampler=recipe.resampler, cross_attn_every=recipe.cross_attn_every,
-        xattn_heads=recipe.xattn_heads, xattn_head_dim=recipe.xattn_head_dim, max_length=recipe.max_length,
+        vision=vision,
+        lm=lm,
+        tokenizer=tokenizer,
+        resampler=recipe.resampler,
+        cross_attn_every=recipe.cross_attn_every,
+        xattn_heads=recipe.xattn_heads,
+        xattn_head_dim=recipe.xattn_head_dim,
+        max_length=recipe.max_length,
     )
 
 

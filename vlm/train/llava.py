@@ -53,7 +53,9 @@ class LlavaRecipe:
     schema_version: int = schema_field()
 
 
-def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume: bool = False, init: str | None = None) -> dict:
+def train_llava(
+    recipe_spec: str, out: str | Path, *, stage: str = "all", resume: bool = False, init: str | None = None
+) -> dict:
     """Run stage 1, stage 2, or both ("all"); returns the last stage's validation metrics."""
     if stage not in STAGES:
         raise VlmError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
@@ -71,7 +73,9 @@ def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume
     if stage in ("all", "2"):
         start = hub.resolve_dir(init or out / "stage1")
         if start is None or hub.model_kind(start) != "llava":
-            raise VlmError(f"stage 2 starts from a LLaVA model; {init or out / 'stage1'} is none (run --stage 1 first or pass --init DIR)")
+            raise VlmError(
+                f"stage 2 starts from a LLaVA model; {init or out / 'stage1'} is none (run --stage 1 first or pass --init DIR)"
+            )
         metrics = _run_stage(LlavaModel.load(start), recipe, recipe_json, 2, out, resume=resume)
     return metrics
 
@@ -79,7 +83,9 @@ def train_llava(recipe_spec: str, out: str | Path, *, stage: str = "all", resume
 def _new_model(recipe: LlavaRecipe) -> LlavaModel:
     vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
     lm, tokenizer = load_lm(recipe.lm)
-    return build_llava(vision=vision, lm=lm, tokenizer=tokenizer, projector=recipe.projector, max_length=recipe.max_length)
+    return build_llava(
+        vision=vision, lm=lm, tokenizer=tokenizer, projector=recipe.projector, max_length=recipe.max_length
+    )
 
 
 def freeze_for_stage(model: LlavaModel, stage: int) -> None:
@@ -88,11 +94,21 @@ def freeze_for_stage(model: LlavaModel, stage: int) -> None:
         param.requires_grad = name.startswith("projector.") or (stage == 2 and name.startswith("lm."))
 
 
-def _run_stage(model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage: int, run_dir: Path, *, resume: bool) -> dict:
+def _run_stage(
+    model: LlavaModel, recipe: LlavaRecipe, recipe_json: dict, stage: int, run_dir: Path, *, resume: bool
+) -> dict:
     stage_recipe = recipe.stage1 if stage == 1 else recipe.stage2
     freeze_for_stage(model, stage)
     kind = "captions" if stage == 1 else "conversations"
     records = conversation_records(stage_recipe.data, kind=kind, mix=stage_recipe.mix)
     train_records, val_records = split_by_image(records, recipe.val_fraction)
     card = {"kind": "llava", "stage": stage, "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
-    return train_stage(model, records=train_records, val_records=val_records, config=stage_recipe.train, run_dir=run_dir, resume=resume, card=card)
+    return train_stage(
+        model,
+        records=train_records,
+        val_records=val_records,
+        config=stage_recipe.train,
+        run_dir=run_dir,
+        resume=resume,
+        card=card,
+    )

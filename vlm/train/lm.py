@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class LmRecipe:
     data: str = "easyvqa:train"  # built-in split (its conversations, each image written as its caption) or a .txt file, one document per line
-    mix: EasyVqaMix = field(default_factory=EasyVqaMix)  # built-in data: yes/no and recall questions added (not its Flamingo fields)
+    mix: EasyVqaMix = field(
+        default_factory=EasyVqaMix
+    )  # built-in data: yes/no and recall questions added (not its Flamingo fields)
     init: str | None = None  # continue training this LM (directory or hub id) instead of a new tiny one
     model: TinyLmConfig = field(default_factory=TinyLmConfig)  # the tiny LM (ignored with init)
     max_length: int = 256  # tokens per training sequence; longer documents are cut
@@ -75,7 +77,9 @@ def _render(document) -> str:
 
 def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int]]:
     if isinstance(document, str):
-        ids = start_ids(tokenizer) + tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (
+            start_ids(tokenizer) + tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        )
     else:
         ids = encode_conversation(tokenizer, document).ids
     ids = ids[:max_length]
@@ -98,14 +102,22 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     order = torch.randperm(len(sequences), generator=generator).tolist()
     val = [sequences[i] for i in order[:cut]]
     train = [sequences[i] for i in order[cut:]]
-    log.info("%d training documents, %d validation; %d parameters", len(train), len(val), sum(p.numel() for p in model.parameters()))
+    log.info(
+        "%d training documents, %d validation; %d parameters",
+        len(train),
+        len(val),
+        sum(p.numel() for p in model.parameters()),
+    )
     collate = CollateSequences(tokenizer.pad_token_id)
 
     objective = LanguageModelLoss(model, images=False)
 
     def evaluate() -> dict:
         with torch.inference_mode():
-            losses = [objective(collate([{"ids": i, "labels": l} for i, l in val[s : s + 64]])).item() for s in range(0, len(val), 64)]
+            losses = [
+                objective(collate([{"ids": ids, "labels": labels} for ids, labels in val[s : s + 64]])).item()
+                for s in range(0, len(val), 64)
+            ]
         loss = sum(losses) / len(losses)
         return {"val_loss": loss, "val_perplexity": math.exp(loss)}
 
@@ -125,7 +137,12 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
     hub.save_pretrained(model, out)  # safetensors: transformers' only format since v5
     hub.save_pretrained(tokenizer, out)
     hub.write_run_card(
-        out, model=model, train_seconds=trainer.train_seconds, validation=metrics,
-        kind="lm", recipe=recipe_json, resolved_recipe=asdict(recipe),
+        out,
+        model=model,
+        train_seconds=trainer.train_seconds,
+        validation=metrics,
+        kind="lm",
+        recipe=recipe_json,
+        resolved_recipe=asdict(recipe),
     )
     return metrics

@@ -35,7 +35,9 @@ def load_recipe(cls: type[T], spec: str, kind: str) -> tuple[T, dict]:
     if not path.is_file():
         path = Path(spec)
     if not path.is_file():
-        raise VlmError(f"unknown {kind} recipe {spec!r}; named recipes: {', '.join(recipe_names(kind)) or 'none'}; or a JSON file")
+        raise VlmError(
+            f"unknown {kind} recipe {spec!r}; named recipes: {', '.join(recipe_names(kind)) or 'none'}; or a JSON file"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -47,6 +49,10 @@ def load_recipe(cls: type[T], spec: str, kind: str) -> tuple[T, dict]:
 
 def nest_mix(data: dict) -> dict:
     """A version 1 recipe with its loose mix keys (at the top or in a stage) under "mix"."""
-    nested = {k: nest_mix(v) if isinstance(v, dict) and k.startswith("stage") else v for k, v in data.items() if k not in MIX_KEYS}
+    nested = {
+        k: nest_mix(v) if isinstance(v, dict) and k.startswith("stage") else v
+        for k, v in data.items()
+        if k not in MIX_KEYS
+    }
     mix = {k: v for k, v in data.items() if k in MIX_KEYS}
     return {**nested, "mix": mix} if mix else nested

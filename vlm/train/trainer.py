@@ -83,7 +83,9 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
     """The epoch's shuffled batches (the last partial one dropped); same for the same seed.
 
     With `lengths`, examples are sorted by length within windows of 64 batches before
@@ -144,7 +146,9 @@ class Trainer:
         self.last_eval: dict = {}
         self.bf16 = config.bf16 and native_bf16()
         if config.bf16 and not self.bf16:
-            log.warning("bf16 is off: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where it is many times slower; training in float32")
+            log.warning(
+                "bf16 is off: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where it is many times slower; training in float32"
+            )
 
     def fit(self, *, resume: bool = False) -> dict:
         """Train to the end (or from the last checkpoint with resume=True); returns the
@@ -161,7 +165,9 @@ class Trainer:
             # Seeds augmentation here and in the workers, so a resumed run sees the same images.
             torch.manual_seed(config.seed * 7919 + self.step)
             random.seed(config.seed * 7919 + self.step)
-            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=config.workers)
+            loader = DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=config.workers
+            )
             losses, started = [], time.perf_counter()
             for batch in loader:
                 losses.append(self._train_step(batch))
@@ -212,14 +218,16 @@ class Trainer:
 
     def _log(self, epoch: int, losses: list[float]) -> None:
         finite = [x for x in losses if math.isfinite(x)]
-        self.train_log.append({
-            "step": self.step,
-            "epoch": epoch,
-            "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
-            "loss": f"{sum(finite) / max(1, len(finite)):.5f}",
-            "skipped": self.skipped,
-            "seconds": f"{self.train_seconds:.1f}",
-        })
+        self.train_log.append(
+            {
+                "step": self.step,
+                "epoch": epoch,
+                "lr": f"{self.optimizer.param_groups[0]['lr']:.3e}",
+                "loss": f"{sum(finite) / max(1, len(finite)):.5f}",
+                "skipped": self.skipped,
+                "seconds": f"{self.train_seconds:.1f}",
+            }
+        )
 
     def _evaluate(self, epoch: int) -> None:
         if self.evaluate is None:
@@ -231,15 +239,18 @@ class Trainer:
 
     def _save(self) -> None:
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint.save_checkpoint(self.run_dir, {
-            # Frozen weights come from the recipe's starting point; only trained ones are kept.
-            "model": {k: v for k, v in self.model.state_dict().items() if k in trainable},
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "train_seconds": self.train_seconds,
-            "skipped": self.skipped,
-            "config": asdict(self.config),
-        })
+        checkpoint.save_checkpoint(
+            self.run_dir,
+            {
+                # Frozen weights come from the recipe's starting point; only trained ones are kept.
+                "model": {k: v for k, v in self.model.state_dict().items() if k in trainable},
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "train_seconds": self.train_seconds,
+                "skipped": self.skipped,
+                "config": asdict(self.config),
+            },
+        )
 
     def _start(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +268,9 @@ class Trainer:
         state = checkpoint.load_checkpoint(self.run_dir)
         missing = {name for name, p in self.model.named_parameters() if p.requires_grad} - set(state["model"])
         if missing:
-            raise VlmError(f"{self.run_dir}: checkpoint lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}); was the recipe changed?")
+            raise VlmError(
+                f"{self.run_dir}: checkpoint lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]}); was the recipe changed?"
+            )
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_seconds, self.skipped = state["step"], state["train_seconds"], state["skipped"]

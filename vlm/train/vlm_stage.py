@@ -40,7 +40,15 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 
 def train_stage(
-    model, *, records: list[dict], val_records: list[dict], config: TrainConfig, run_dir: Path, resume: bool, card: dict, augment: Callable | None = None
+    model,
+    *,
+    records: list[dict],
+    val_records: list[dict],
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    card: dict,
+    augment: Callable | None = None,
 ) -> dict:
     """Train `model`'s trainable parameters on LLaVA-format records (plus Flamingo's few-shot
     and multi-image ones); save the model to run_dir. Returns validation metrics. `augment`
@@ -52,7 +60,12 @@ def train_stage(
     collate = CollateSequences(model.tokenizer.pad_token_id)
 
     def run(batch: dict):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixels=batch["pixels"], labels=batch["labels"])
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixels=batch["pixels"],
+            labels=batch["labels"],
+        )
 
     def evaluate() -> dict:
         dataset = ConversationDataset(val_sequences, transform=model.transform)
