@@ -27,14 +27,20 @@ from vlm.xattn import GatedCrossAttentionBlock, MediaState, attending_to, media_
 
 
 @dataclass
-class FlamingoConfig:
-    vision: VisionConfig
-    lm: dict  # the language model's Hugging Face config
+class FlamingoArchitecture:
+    """What a recipe chooses of a Flamingo model (recipes nest it as "model")."""
+
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     cross_attn_every: int = 1  # a gated cross-attention block before every Nth decoder layer
     xattn_heads: int = 4
     xattn_head_dim: int = 64
     max_length: int = 256  # tokens per sequence (an image is one token)
+
+
+@dataclass(kw_only=True)
+class FlamingoConfig(FlamingoArchitecture):
+    vision: VisionConfig
+    lm: dict  # the language model's Hugging Face config
     kind: str = field(default="flamingo", init=False)
     schema_version: int = schema_field()
 

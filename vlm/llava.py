@@ -25,11 +25,17 @@ from vlm.vision_language import VisionLanguageModel
 
 
 @dataclass
-class LlavaConfig:
-    vision: VisionConfig
-    lm: dict  # the language model's Hugging Face config
+class LlavaArchitecture:
+    """What a recipe chooses of a LLaVA model (recipes nest it as "model")."""
+
     projector: str = "mlp2x_gelu"  # see vlm/projector.py
     max_length: int = 512  # tokens per sequence, image tokens included
+
+
+@dataclass(kw_only=True)
+class LlavaConfig(LlavaArchitecture):
+    vision: VisionConfig
+    lm: dict  # the language model's Hugging Face config
     kind: str = field(default="llava", init=False)
     schema_version: int = schema_field()
 

@@ -24,9 +24,8 @@ from vlm.data.mix import EasyVqaMix
 from vlm.data.sequences import record_images
 from vlm.data.sources import builtin_split, conversation_records
 from vlm.errors import VlmError
-from vlm.flamingo import FlamingoModel, build_flamingo
+from vlm.flamingo import FlamingoArchitecture, FlamingoModel, build_flamingo
 from vlm.lm import load_lm
-from vlm.resampler import ResamplerConfig
 from vlm.schema import schema_field
 from vlm.train.recipes import load_recipe
 from vlm.train.splits import held_out
@@ -42,11 +41,7 @@ class FlamingoRecipe:
     vision: str = "clip-easyvqa"  # any CLIP load_clip accepts, with a ViT image tower
     vision_layer: int = -2  # transformer block whose patch tokens feed the resampler
     lm: str = "lm-easyvqa"  # any causal LM load_lm accepts (frozen)
-    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
-    cross_attn_every: int = 1  # a gated cross-attention block before every Nth LM layer
-    xattn_heads: int = 4
-    xattn_head_dim: int = 64
-    max_length: int = 256  # tokens per sequence (an image is one token)
+    model: FlamingoArchitecture = field(default_factory=FlamingoArchitecture)  # resampler, cross-attention, max_length
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
     mix: EasyVqaMix = field(
         default_factory=lambda: EasyVqaMix(fewshot_sequences=8000, pair_questions=8000)
@@ -114,11 +109,7 @@ def _new_model(recipe: FlamingoRecipe) -> FlamingoModel:
         vision=vision,
         lm=lm,
         tokenizer=tokenizer,
-        resampler=recipe.resampler,
-        cross_attn_every=recipe.cross_attn_every,
-        xattn_heads=recipe.xattn_heads,
-        xattn_head_dim=recipe.xattn_head_dim,
-        max_length=recipe.max_length,
+        **vars(recipe.model),
     )
 
 

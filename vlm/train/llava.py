@@ -20,7 +20,7 @@ from vlm.clip import load_clip
 from vlm.data.mix import EasyVqaMix
 from vlm.data.sources import conversation_records
 from vlm.errors import VlmError
-from vlm.llava import LlavaModel, build_llava
+from vlm.llava import LlavaArchitecture, LlavaModel, build_llava
 from vlm.lm import load_lm
 from vlm.schema import schema_field
 from vlm.train.recipes import load_recipe
@@ -45,8 +45,7 @@ class LlavaRecipe:
     vision: str = "clip-easyvqa"  # any CLIP load_clip accepts, with a ViT image tower
     vision_layer: int = -2  # transformer block whose patch tokens are used (-2 = penultimate)
     lm: str = "lm-easyvqa"  # any causal LM load_lm accepts
-    projector: str = "mlp2x_gelu"  # see vlm/projector.py
-    max_length: int = 256  # tokens per sequence, image tokens included
+    model: LlavaArchitecture = field(default_factory=LlavaArchitecture)  # projector, max_length
     val_fraction: float = 0.02  # images held out of the training data for validation loss
     stage1: StageRecipe = field(default_factory=StageRecipe)  # captions; projector only
     stage2: StageRecipe = field(default_factory=StageRecipe)  # conversations; projector + LM
@@ -83,9 +82,7 @@ def train_llava(
 def _new_model(recipe: LlavaRecipe) -> LlavaModel:
     vision = VisionTower.from_clip(load_clip(recipe.vision), layer=recipe.vision_layer)
     lm, tokenizer = load_lm(recipe.lm)
-    return build_llava(
-        vision=vision, lm=lm, tokenizer=tokenizer, projector=recipe.projector, max_length=recipe.max_length
-    )
+    return build_llava(vision=vision, lm=lm, tokenizer=tokenizer, **vars(recipe.model))
 
 
 def freeze_for_stage(model: LlavaModel, stage: int) -> None:

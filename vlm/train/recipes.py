@@ -2,12 +2,14 @@
 vlm/recipes/ or from a user's JSON file. Unknown keys are errors, not silently ignored.
 
 A recipe carries "schema_version" (vlm/schema.py). Version 1 recipes, written before it,
-had the easy-VQA data mix as loose keys ("yes_no_per_image": 12, ...); they are read by
-nesting those keys under "mix" (vlm/data/mix.py), where version 2 has them.
+had the easy-VQA data mix and the model's architecture as loose keys ("yes_no_per_image":
+12, "projector": ...); they are read by nesting those keys under "mix" (vlm/data/mix.py)
+and "model" (LlavaArchitecture, FlamingoArchitecture), where version 2 has them.
 """
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,16 +45,30 @@ def load_recipe(cls: type[T], spec: str, kind: str) -> tuple[T, dict]:
     except json.JSONDecodeError as e:
         raise VlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(data, dict) and "schema_version" not in data:
-        data = nest_mix(data)
+        data = upgrade_v1(cls, data)
     return from_dict(cls, data, str(path)), data
 
 
-def nest_mix(data: dict) -> dict:
-    """A version 1 recipe with its loose mix keys (at the top or in a stage) under "mix"."""
-    nested = {
-        k: nest_mix(v) if isinstance(v, dict) and k.startswith("stage") else v
+def upgrade_v1(cls: type, data: dict) -> dict:
+    """A version 1 recipe in version 2's layout: its loose mix keys (at the top or in a
+    stage) under "mix", and the model's architecture fields under "model"."""
+    data = _nest(data, MIX_KEYS, "mix", into_stages=True)
+    hints = typing.get_type_hints(cls)
+    model_type = hints.get("model")
+    if dataclasses.is_dataclass(model_type):
+        own = {f.name for f in dataclasses.fields(cls)}
+        data = _nest(data, {f.name for f in dataclasses.fields(model_type)} - own, "model", into_stages=False)
+    return data
+
+
+def _nest(data: dict, keys: set[str], under: str, *, into_stages: bool) -> dict:
+    """`data` with its `keys` moved into the dict `under` (and so in its "stageN" dicts)."""
+    rest = {
+        k: _nest(v, keys, under, into_stages=True)
+        if into_stages and isinstance(v, dict) and k.startswith("stage")
+        else v
         for k, v in data.items()
-        if k not in MIX_KEYS
+        if k not in keys
     }
-    mix = {k: v for k, v in data.items() if k in MIX_KEYS}
-    return {**nested, "mix": mix} if mix else nested
+    moved = {k: v for k, v in data.items() if k in keys}
+    return {**rest, under: {**rest.get(under, {}), **moved}} if moved else rest
