@@ -11,10 +11,10 @@ long for the model's context loses its oldest turns (and their images), with a w
 
 Flamingo-style few-shot prompts: `answer_batch(..., examples=[[(image, q, a), ...], ...])`.
 
-A model using this mixin provides `tokenizer`, `max_length`, `image_token_count` (tokens
-an image occupies in the sequence), `expand(Encoded) -> (ids, labels)` (image tokens
-expanded), `prepare(ids, images) -> Prompt`, `encode_images(pixels) -> features`,
-`transform`, and the two `vlm.generation` methods.
+The mixin of vlm/vision_language.VisionLanguageModel, whose abstract methods and
+properties (tokenizer, max_length, image_token_count, expand, prepare, encode_images,
+transform, and the two vlm.generation methods) are what it calls. Every method may be
+called from several threads at once.
 """
 
 import hashlib
