@@ -14,15 +14,9 @@ from vlm.resampler import PerceiverResampler, ResamplerConfig
 from vlm.train.flamingo import freeze_for_flamingo
 from vlm.xattn import MaskedCrossAttention, media_index
 from tests.conftest import draw_shape
+from tests.helpers import open_gates
 
 RED, BLUE, GREEN = draw_shape("red", "circle"), draw_shape("blue", "rectangle"), draw_shape("green", "circle")
-
-
-def _open_gates(model, value=0.5):
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.fill_(value)
 
 
 def _inputs(model, turns, images):
@@ -76,7 +70,7 @@ def test_a_token_after_image_two_ignores_image_one():
 
 
 def test_only_resampler_blocks_and_new_token_rows_learn(tiny_flamingo):
-    _open_gates(tiny_flamingo)
+    open_gates(tiny_flamingo)
     freeze_for_flamingo(tiny_flamingo)
     inputs = _inputs(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
     inputs["input_ids"][0, -1] = tiny_flamingo.chunk_end_id  # use the other new token too
@@ -108,19 +102,21 @@ def test_a_few_steps_lower_the_loss(tiny_flamingo):
 
 
 def test_generation_with_cached_image_latents_equals_fresh(tiny_flamingo):
-    _open_gates(tiny_flamingo)
+    open_gates(tiny_flamingo)
     messages = [{"role": "user", "content": "<image>\n<image>\nsame color?"}]
     first = tiny_flamingo.chat(messages, [RED, BLUE], max_new_tokens=6)
     assert len(tiny_flamingo._feature_cache) == 2
-    again = tiny_flamingo.chat(messages + [{"role": "assistant", "content": first}, {"role": "user", "content": "sure?"}], [RED, BLUE], max_new_tokens=6)
+    follow_up = messages + [{"role": "assistant", "content": first}, {"role": "user", "content": "sure?"}]
+    again = tiny_flamingo.chat(follow_up, [RED, BLUE], max_new_tokens=6)
     assert len(tiny_flamingo._feature_cache) == 2  # the follow-up reused both images' latents
     tiny_flamingo._feature_cache.clear()
     assert tiny_flamingo.chat(messages, [RED, BLUE], max_new_tokens=6) == first
-    assert isinstance(again, str)
+    tiny_flamingo._feature_cache.clear()
+    assert tiny_flamingo.chat(follow_up, [RED, BLUE], max_new_tokens=6) == again
 
 
 def test_kv_cache_and_batching_do_not_change_tokens(tiny_flamingo):
-    _open_gates(tiny_flamingo)
+    open_gates(tiny_flamingo)
     conversations = [[("user", "<image>\ncolor?")], [("user", "<image>\nthen <image>\nsame?")], [("user", "no image here, just words")]]
     images = [[RED], [BLUE, GREEN], []]
     sequences = [tiny_flamingo.encode(c, generation_prompt=True)[0] for c in conversations]
@@ -138,7 +134,7 @@ def test_kv_cache_and_batching_do_not_change_tokens(tiny_flamingo):
 
 def test_concurrent_calls_on_one_model_each_see_their_own_images(tiny_flamingo):
     """The app and the server call one model from many threads: per-call media must not leak."""
-    _open_gates(tiny_flamingo)
+    open_gates(tiny_flamingo)
     cases = [([RED], "<image>\ncolor?"), ([BLUE, GREEN], "<image>\nthen <image>\nare they the same color?"),
              ([GREEN], "<image>\nwhat shape is it and which colour is it?"), ([BLUE], "<image>\nshape?")]
 
@@ -158,7 +154,7 @@ def test_concurrent_calls_on_one_model_each_see_their_own_images(tiny_flamingo):
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny_flamingo, tmp_path):
-    _open_gates(tiny_flamingo)
+    open_gates(tiny_flamingo)
     tiny_flamingo.save(tmp_path / "m")
     loaded = FlamingoModel.load(tmp_path / "m")
     inputs = _inputs(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
