@@ -182,6 +182,12 @@ def _app(args) -> None:
     launch(index=args.index, models=args.model, host=args.host, port=args.port, allow_remote=args.allow_remote)
 
 
+def _export(args) -> None:
+    from vlm.hf_llava import export_model
+
+    print(export_model(args.model, args.out))
+
+
 def _ship(args) -> None:
     from vlm.ship import ship
 
@@ -325,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
     app.set_defaults(run=_app)
+
+    export = commands.add_parser("export", help="write a LLaVA model as a Hugging Face checkpoint (transformers, vLLM)")
+    export.add_argument("model", help="shipped name or LLaVA model directory")
+    export.add_argument("--format", required=True, choices=["hf-llava"], help="hf-llava: LlavaForConditionalGeneration")
+    export.add_argument("--out", required=True, help="new directory to write")
+    export.set_defaults(run=_export)
 
     ship = commands.add_parser(
         "ship", help="developers: put a trained model inside the package as a shipped name (fp16)"
