@@ -6,22 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+
+from tests.helpers import COLORS, draw_shape
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
-
-COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
-
-
-def draw_shape(color: str, shape: str, size: int = 64, offset: int = 0) -> Image.Image:
-    """A white image with one coloured circle or rectangle."""
-    image = Image.new("RGB", (size, size), (250, 245, 240))
-    draw = ImageDraw.Draw(image)
-    box = (12 + offset, 12 + offset, 44 + offset, 44 + offset)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
-    return image
 
 
 @pytest.fixture
@@ -88,6 +78,17 @@ def tiny_flamingo(tiny_clip, tiny_lm_and_tokenizer):
         vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer),
         resampler=resampler, xattn_heads=2, xattn_head_dim=32, max_length=128,
     ).eval()
+
+
+@pytest.fixture
+def pretrained_dirs(tmp_path, tiny_clip, tiny_lm_and_tokenizer) -> tuple[str, str]:
+    """tiny_clip and the tiny LM with its tokenizer saved as model directories: the vision
+    and lm a recipe names."""
+    lm, tokenizer = tiny_lm_and_tokenizer
+    tiny_clip.save(tmp_path / "clip")
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    return str(tmp_path / "clip"), str(tmp_path / "lm")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from retrieval import Searcher, build_index
-from tests.conftest import draw_shape
+from tests.helpers import draw_shape, free_port
 from vlm.data import easyvqa
 from vlm.errors import VlmError
 from vlm.hub import WEIGHTS_DIR, shipped_names
@@ -24,18 +24,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from apps.gradio_app import launch
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))  # the demo index goes here
-    app = launch(port=_free_port(), block=False)
+    app = launch(port=free_port(), block=False)
     yield app
     app.close()
 
@@ -213,7 +207,7 @@ def test_launch_errors_name_the_real_cause():
     from apps.web_safety import check_bind
 
     with pytest.raises(VlmError, match="not an address of this machine"):
-        check_bind("192.0.2.1", _free_port())
+        check_bind("192.0.2.1", free_port())
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -222,13 +216,13 @@ def test_launch_errors_name_the_real_cause():
     from apps.gradio_app import launch
 
     with pytest.raises(VlmError, match="--allow-remote"):
-        launch(host="0.0.0.0", port=_free_port(), block=False)
+        launch(host="0.0.0.0", port=free_port(), block=False)
 
 
 def test_uploads_are_deleted_after_their_max_age(tmp_path):
     from apps.gradio_app import launch
 
-    app = launch(port=_free_port(), block=False, upload_max_age=2)
+    app = launch(port=free_port(), block=False, upload_max_age=2)
     try:
         picture = tmp_path / "p.png"
         draw_shape("red", "circle").save(picture)

@@ -13,7 +13,7 @@ import pytest
 from apps.caption import caption_folder
 from vlm.cli import main
 from vlm.errors import VlmError
-from tests.conftest import draw_shape
+from tests.helpers import GOOD_IMAGES, HAZARDS, draw_shape, fail_if_blocked, make_hazard_folder
 
 
 def _huge_header_png(path):
@@ -133,73 +133,44 @@ def test_symlinked_images_are_captioned_once_across_runs(tiny_llava, tmp_path):
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["pictures/link.png"]
 
 
-def _hazard_folder(tmp_path):
-    """Three good images beside a FIFO, a dangling link, a link loop and a latin-1 name."""
-    folder = tmp_path / "hazards"
-    folder.mkdir()
-    for i, color in enumerate(["red", "blue", "green"]):
-        draw_shape(color, "circle").save(folder / f"good{i}.png")
-    os.mkfifo(folder / "fifo.png")
-    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
-    (folder / "loop.png").symlink_to(folder / "loop.png")
-    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.png")
-    draw_shape("red", "rectangle").save(latin1, format="PNG")
-    return folder
-
-
-def _finishes(seconds, function):
-    """function() run in a thread; fails (instead of hanging the suite) if it blocks."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = function()
-        except BaseException as e:
-            outcome["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still running after {seconds} s (blocked on a FIFO?)"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def test_fifo_links_and_latin1_names_are_reported_and_every_good_image_captioned(tiny_llava, tmp_path):
-    folder = _hazard_folder(tmp_path)
+    folder = make_hazard_folder(tmp_path / "hazards")
     out = tmp_path / "captions.jsonl"
-    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=out, batch_size=2, max_new_tokens=4, progress=False))
+    with fail_if_blocked(60):
+        report = caption_folder(folder, model=tiny_llava, out=out, batch_size=2, max_new_tokens=4, progress=False)
     assert report.captioned == 3
     named = sorted(reason.split(":")[0].rsplit("/", 1)[-1] for reason in report.failed)
-    assert named == ["caf\\xe9.png", "fifo.png", "gone.png", "loop.png"]
+    assert named == sorted(HAZARDS)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["image"] for r in rows) == ["hazards/good0.png", "hazards/good1.png", "hazards/good2.png"]
+    assert sorted(r["image"] for r in rows) == [f"hazards/{name}" for name in GOOD_IMAGES]
 
 
 def test_hazard_folder_through_the_cli_exits_0_and_names_each_bad_entry(tiny_llava_dir, tmp_path, capsys):
-    folder = _hazard_folder(tmp_path)
+    folder = make_hazard_folder(tmp_path / "hazards")
     out = tmp_path / "captions.jsonl"
     argv = ["caption", str(folder), "--model", tiny_llava_dir, "--out", str(out), "--batch-size", "2", "--max-new-tokens", "4"]
-    assert _finishes(60, lambda: main(argv)) == 0
+    with fail_if_blocked(60):
+        assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 captioned, 0 already done, 4 failed" in printed
-    for name in ("fifo.png", "gone.png", "loop.png", "caf\\xe9.png"):
+    for name in HAZARDS:
         assert name in printed
 
 
 def test_txt_format_skips_hazards_and_writes_only_beside_good_images(tiny_llava, tmp_path):
-    folder = _hazard_folder(tmp_path)
-    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=None, fmt="txt", max_new_tokens=4, progress=False))
+    folder = make_hazard_folder(tmp_path / "hazards")
+    with fail_if_blocked(60):
+        report = caption_folder(folder, model=tiny_llava, out=None, fmt="txt", max_new_tokens=4, progress=False)
     assert (report.captioned, len(report.failed)) == (3, 4)
-    assert sorted(p.name for p in folder.glob("*.txt")) == ["good0.txt", "good1.txt", "good2.txt"]
+    assert sorted(p.name for p in folder.glob("*.txt")) == [name.replace(".png", ".txt") for name in GOOD_IMAGES]
 
 
 def test_a_folder_of_only_unreadable_entries_reports_them_instead_of_no_images(tiny_llava, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     os.mkfifo(folder / "fifo.png")
-    report = _finishes(60, lambda: caption_folder(folder, model=tiny_llava, out=tmp_path / "c.jsonl", progress=False))
+    with fail_if_blocked(60):
+        report = caption_folder(folder, model=tiny_llava, out=tmp_path / "c.jsonl", progress=False)
     assert report.captioned == 0 and len(report.failed) == 1 and "fifo.png" in report.failed[0]
 
 

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import draw_shape
+from tests.helpers import draw_shape, one_error_line, tiny_clip_recipe, write_checkpoint, write_json
 from vlm.cli import main
 
 
@@ -110,14 +109,6 @@ def _exit_code(argv) -> int:
         return e.code
 
 
-def _one_error_line(err: str) -> str:
-    """The only line of stderr that reports an error (argparse prints its usage lines first)."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
 NUMERIC_OPTIONS = {
     "embed --shard-size 0": (["embed", "src", "--out", "o", "--shard-size", "0"], "--shard-size"),
     "embed --shard-size -1": (["embed", "src", "--out", "o", "--shard-size", "-1"], "--shard-size"),
@@ -142,7 +133,7 @@ def test_an_out_of_range_number_is_one_line_naming_the_option_exit_2(case, capsy
     argv, option = NUMERIC_OPTIONS[case]
     monkeypatch.chdir(tmp_path)  # nothing the command could write lands in the repo
     assert _exit_code(argv) == 2
-    assert f"argument {option}" in _one_error_line(capsys.readouterr().err)
+    assert f"argument {option}" in one_error_line(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
 
 
@@ -175,7 +166,7 @@ BAD_CLIP_DIRECTORIES = {
 def test_eval_clip_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_clip_dir, shapes_dataset, tmp_path, capsys):
     directory = _bad_copy(tiny_clip_dir, tmp_path, **BAD_CLIP_DIRECTORIES[case](tiny_clip_dir))
     assert main(["eval", "clip", "--model", str(directory), "--data", str(shapes_dataset)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"vlmstack: error: {directory}/")
 
 
@@ -200,22 +191,14 @@ def test_eval_vqa_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_lla
     draw_shape("red", "circle").save(tmp_path / "a.png")
     (tmp_path / "vqa.jsonl").write_text('{"image": "a.png", "question": "what color is the shape?", "answer": "red"}\n')
     assert main(["eval", "vqa", "--model", str(directory), "--data", str(tmp_path / "vqa.jsonl")]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"vlmstack: error: {directory}")
 
 
 def test_train_resume_on_a_pickled_checkpoint_is_one_line_exit_2(shapes_dataset, tmp_path, capsys):
-    from vlm.hashing import sha256_file
-
-    recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({
-        "arch": "clip-tiny", "data": str(shapes_dataset), "val_fraction": 0.0, "augment": None,
-        "train": {"epochs": 1, "batch_size": 12, "workers": 0},
-    }))
+    recipe = write_json(tmp_path / "recipe.json", tiny_clip_recipe(shapes_dataset, epochs=1))
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"step": 1, "note": argparse.Namespace(pickled=True)}, run / "checkpoint.pt")  # any class pickles
-    (run / "checkpoint.json").write_text(json.dumps({"step": 1, "sha256": sha256_file(run / "checkpoint.pt")}))
-    assert main(["train", "clip", "--recipe", str(recipe), "--out", str(run), "--resume"]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    write_checkpoint(run, {"step": 1, "note": argparse.Namespace(pickled=True)})  # any class pickles
+    assert main(["train", "clip", "--recipe", recipe, "--out", str(run), "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert "checkpoint.pt: holds pickled objects that weights_only loading refuses" in line

@@ -219,7 +219,7 @@ def test_conversation_images_are_augmented_before_the_transform_and_bad_ones_sti
     from PIL import ImageOps
     import torch
 
-    from tests.conftest import draw_shape
+    from tests.helpers import draw_shape
     from vlm.data.image_text import Skipped
     from vlm.data.sequences import ConversationDataset
     from vlm.images import ImageTransform

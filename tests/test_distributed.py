@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.helpers import logged_losses, tiny_clip_recipe
+
 TOLERANCE = 1e-3
 
 
@@ -19,15 +21,11 @@ def _train(tmp_path, kind: str, recipe: dict, out: str, processes: int):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-6000:]
-    lines = (tmp_path / out / "metrics.csv").read_text().splitlines()[1:]
-    return [float(line.split(",")[3]) for line in lines]
+    return logged_losses(tmp_path / out)
 
 
 def test_clip_with_two_processes_matches_one(tmp_path, shapes_dataset):
-    recipe = {
-        "arch": "clip-tiny", "data": str(shapes_dataset), "val_fraction": 0.0, "augment": None,
-        "train": {"epochs": 2, "batch_size": 12, "lr": 2e-3, "warmup_steps": 2, "workers": 0, "log_every": 1},
-    }
+    recipe = tiny_clip_recipe(shapes_dataset, epochs=2)
     one = _train(tmp_path, "clip", recipe, "one", 1)
     two = _train(tmp_path, "clip", recipe, "two", 2)
     assert len(one) == len(two) == 8
@@ -35,14 +33,11 @@ def test_clip_with_two_processes_matches_one(tmp_path, shapes_dataset):
     assert (tmp_path / "two" / "model.safetensors").is_file()
 
 
-def test_llava_trains_with_two_processes(tmp_path, shapes_dataset, tiny_clip, tiny_lm_and_tokenizer):
-    lm, tokenizer = tiny_lm_and_tokenizer
-    tiny_clip.save(tmp_path / "clip")
-    lm.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+def test_llava_trains_with_two_processes(tmp_path, shapes_dataset, pretrained_dirs):
+    clip_dir, lm_dir = pretrained_dirs
     train = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0, "log_every": 1}
     recipe = {
-        "vision": str(tmp_path / "clip"), "lm": str(tmp_path / "lm"), "max_length": 128, "val_fraction": 0.0,
+        "vision": clip_dir, "lm": lm_dir, "max_length": 128, "val_fraction": 0.0,
         "stage1": {"data": str(shapes_dataset), "train": train}, "stage2": {"data": str(shapes_dataset), "train": train},
     }
     one = _train(tmp_path, "llava", recipe, "one", 1)

@@ -13,17 +13,10 @@ from vlm.generation import GenerationConfig, generate, positions
 from vlm.resampler import PerceiverResampler, ResamplerConfig
 from vlm.train.flamingo import freeze_for_flamingo
 from vlm.xattn import MaskedCrossAttention, media_index
-from tests.conftest import draw_shape
-from tests.helpers import open_gates
+from tests.helpers import draw_shape
+from tests.helpers import losses_fitting_one_batch, open_gates, vlm_batch
 
 RED, BLUE, GREEN = draw_shape("red", "circle"), draw_shape("blue", "rectangle"), draw_shape("green", "circle")
-
-
-def _inputs(model, turns, images):
-    ids, labels = model.encode(turns)
-    input_ids = torch.tensor([ids])
-    pixels = torch.stack([model.transform(im) for im in images]) if images else None
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixels=pixels, labels=torch.tensor([labels]))
 
 
 @pytest.mark.parametrize("patches", [4, 64, 300])
@@ -40,7 +33,7 @@ def test_resampler_refuses_more_frames_than_it_has_time_embeddings():
 
 def test_gates_at_zero_leave_the_lm_unchanged(tiny_flamingo, tiny_lm_and_tokenizer):
     bare, _ = tiny_lm_and_tokenizer
-    inputs = _inputs(tiny_flamingo, [("user", "what? <image>\nand this <image>\ncolor?"), ("assistant", "red")], [RED, BLUE])
+    inputs = vlm_batch(tiny_flamingo, [("user", "what? <image>\nand this <image>\ncolor?"), ("assistant", "red")], [RED, BLUE])
     with torch.no_grad():
         wrapped = tiny_flamingo(**inputs).logits
         plain = bare(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -72,7 +65,7 @@ def test_a_token_after_image_two_ignores_image_one():
 def test_only_resampler_blocks_and_new_token_rows_learn(tiny_flamingo):
     open_gates(tiny_flamingo)
     freeze_for_flamingo(tiny_flamingo)
-    inputs = _inputs(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    inputs = vlm_batch(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
     inputs["input_ids"][0, -1] = tiny_flamingo.chunk_end_id  # use the other new token too
     tiny_flamingo(**inputs).loss.backward()
     changed = {name for name, p in tiny_flamingo.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -88,15 +81,8 @@ def test_only_resampler_blocks_and_new_token_rows_learn(tiny_flamingo):
 
 def test_a_few_steps_lower_the_loss(tiny_flamingo):
     freeze_for_flamingo(tiny_flamingo)
-    inputs = _inputs(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
-    optimizer = torch.optim.AdamW([p for p in tiny_flamingo.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(15):
-        loss = tiny_flamingo(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    inputs = vlm_batch(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    losses = losses_fitting_one_batch(tiny_flamingo, inputs, lr=1e-2)
     # Gates start at 0, so at first only they get gradient: a slow start by design.
     assert losses[-1] < 0.8 * losses[0]
 
@@ -157,7 +143,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_flamingo, tmp_path):
     open_gates(tiny_flamingo)
     tiny_flamingo.save(tmp_path / "m")
     loaded = FlamingoModel.load(tmp_path / "m")
-    inputs = _inputs(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
+    inputs = vlm_batch(tiny_flamingo, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
     with torch.no_grad():
         assert torch.equal(tiny_flamingo(**inputs).logits, loaded(**inputs).logits)
 
@@ -212,14 +198,11 @@ def test_pair_recall_follow_ups_name_the_first_images_attribute():
         assert [t["value"] for t in record["conversations"][2:]] == [FIRST_IMAGE_QUESTIONS[attribute], getattr(first, attribute)]
 
 
-def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_dataset):
+def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
     from vlm.load import load_vlm
     from vlm.train.flamingo import train_flamingo
 
-    lm, tokenizer = tiny_lm_and_tokenizer
-    tiny_clip.save(tmp_path / "clip")
-    lm.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+    clip_dir, lm_dir = pretrained_dirs
     names = sorted(p.name for p in (shapes_dataset.parent / "images").iterdir())
     conversations = [
         {"id": str(i), "images": [f"images/{a}", f"images/{b}"], "conversations": [
@@ -228,7 +211,7 @@ def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_
     ]
     (tmp_path / "c.json").write_text(json.dumps(conversations))
     recipe = {
-        "vision": str(tmp_path / "clip"), "lm": str(tmp_path / "lm"), "data": str(tmp_path / "c.json"), "max_length": 64,
+        "vision": clip_dir, "lm": lm_dir, "data": str(tmp_path / "c.json"), "max_length": 64,
         "resampler": {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 4, "max_frames": 1}, "xattn_heads": 2, "xattn_head_dim": 32,
         "val_fraction": 0.1, "augment": {"formats": 0.5, "hflip": 0.5, "zoom_out": 0.5},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0},
@@ -250,4 +233,4 @@ def test_training_end_to_end(tmp_path, tiny_clip, tiny_lm_and_tokenizer, shapes_
     for name, param in before.named_parameters():
         torch.testing.assert_close(after.get_parameter(name), param, atol=1e-6, rtol=0)
     with pytest.raises(VlmError, match="not a shipped Flamingo model"):
-        train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "bad", init=str(tmp_path / "lm"))
+        train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "bad", init=lm_dir)

@@ -1,11 +1,11 @@
 import io
 import os
-import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import fail_if_blocked
 from vlm.errors import ImageError
 from vlm.images import ImageTransform, load_image, resize_and_crop
 
@@ -100,14 +100,5 @@ def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
 
-    def blocked(signum, frame):
-        pytest.fail("load_image blocked on a FIFO", pytrace=False)
-
-    previous = signal.signal(signal.SIGALRM, blocked)
-    signal.alarm(10)
-    try:
-        with pytest.raises(ImageError, match="not a regular file"):
-            load_image(fifo)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with fail_if_blocked(10), pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo)

@@ -17,46 +17,29 @@ from pathlib import Path
 import pytest
 
 from retrieval import Searcher, build_index, shards, store, update_index
-from tests.conftest import draw_shape
+from tests.helpers import (
+    GOOD_IMAGES,
+    HAZARDS,
+    draw_good_images,
+    draw_shape,
+    fail_if_blocked,
+    make_hazard_folder,
+    one_error_line,
+)
 from vlm.cli import main
 from vlm.errors import VlmError
-
-GOOD = ["blue-rectangle.png", "green-circle.png", "red-circle.png"]
-HAZARDS = ["fifo.png", "dangling.png", "loop.png", "caf\\xe9.png"]  # as the reports print them
 
 
 @pytest.fixture(autouse=True)
 def never_hang():
     """Fail a test that blocks (on a FIFO, on a lock) instead of hanging the suite."""
-
-    def hung(signum, frame):  # pytest.fail: not an OSError, so no `except OSError` can swallow it
-        pytest.fail("the test blocked for 60 s", pytrace=False)
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-def _draw(folder: Path) -> None:
-    for i, name in enumerate(GOOD):
-        color, shape = name[:-4].split("-")
-        draw_shape(color, shape, offset=i).save(folder / name)
+    with fail_if_blocked(60):
+        yield
 
 
 @pytest.fixture
 def hazards(tmp_path) -> Path:
-    """Three good images, a FIFO, a dangling link, a link loop and a file whose name is latin-1."""
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    _draw(folder)
-    os.mkfifo(folder / "fifo.png")
-    os.symlink(folder / "missing.png", folder / "dangling.png")
-    os.symlink("loop.png", folder / "loop.png")
-    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
-        f.write((folder / "red-circle.png").read_bytes())
-    return folder
+    return make_hazard_folder(tmp_path / "pictures")
 
 
 def _names_every_hazard(text: str) -> bool:
@@ -74,13 +57,6 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _one_error_line(err: str) -> str:
-    """The CLI's one error line (progress bars may share stderr); fails on a traceback."""
-    assert "Traceback" not in err
-    [line] = [line for line in err.splitlines() if line.startswith("vlmstack: error: ")]
-    return line
-
-
 # ---- folder hazards: FIFO, dangling link, link loop, latin-1 name (#6, #7, #8) ----
 
 
@@ -88,12 +64,12 @@ def test_index_build_and_update_name_and_skip_every_hazard(hazards, tmp_path, ti
     code, out, err = _run(capsys, "index", "build", hazards, "--out", tmp_path / "idx", "--model", tiny_clip_dir, "--workers", 0)
     assert code == 0, err
     assert _names_every_hazard(out) and out.count("unreadable: ") == len(HAZARDS)
-    assert _indexed_names(tmp_path / "idx") == GOOD
+    assert _indexed_names(tmp_path / "idx") == GOOD_IMAGES
 
     code, out, err = _run(capsys, "index", "update", tmp_path / "idx", "--workers", 0)
     assert code == 0, err
     assert _names_every_hazard(out) and "3 unchanged" in out
-    assert _indexed_names(tmp_path / "idx") == GOOD
+    assert _indexed_names(tmp_path / "idx") == GOOD_IMAGES
 
 
 def test_embed_names_and_skips_every_hazard(hazards, tmp_path, tiny_clip_dir, capsys):
@@ -127,9 +103,7 @@ def _sabotaged_after_scan(module, folder: Path):
 def test_a_file_that_vanishes_or_turns_into_a_fifo_after_the_scan_fails_alone_in_index_build(tmp_path, tiny_clip_dir):
     import retrieval.index
 
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    _draw(folder)
+    folder = draw_good_images(tmp_path / "pictures")
     with _sabotaged_after_scan(retrieval.index, folder):
         report = build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     assert report.files == 1
@@ -137,9 +111,7 @@ def test_a_file_that_vanishes_or_turns_into_a_fifo_after_the_scan_fails_alone_in
 
 
 def test_a_file_that_vanishes_or_turns_into_a_fifo_after_the_scan_fails_alone_in_embed(tmp_path, tiny_clip_dir):
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    _draw(folder)
+    folder = draw_good_images(tmp_path / "pictures")
     with _sabotaged_after_scan(shards, folder):
         report = shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, workers=0, progress=False)
     assert report.embedded == 1
@@ -149,9 +121,7 @@ def test_a_file_that_vanishes_or_turns_into_a_fifo_after_the_scan_fails_alone_in
 def test_an_unreadable_file_is_reported_not_fatal(tmp_path, tiny_clip_dir):
     if os.geteuid() == 0:
         pytest.skip("root reads every file")
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    _draw(folder)
+    folder = draw_good_images(tmp_path / "pictures")
     (folder / "red-circle.png").chmod(0)
     report = build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     assert report.files == 2 and "red-circle.png: cannot read" in report.failed[0]
@@ -279,7 +249,7 @@ def test_an_update_paused_while_another_runs_leaves_a_consistent_index(hazards, 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_clip_dir) -> Path:
     folder = tmp_path_factory.mktemp("pictures")
-    _draw(folder)
+    draw_good_images(folder)
     build_index(folder, folder.parent / "built-idx", model=tiny_clip_dir, workers=0, progress=False)
     return folder.parent / "built-idx"
 
@@ -333,7 +303,7 @@ def test_a_damaged_index_is_one_line_for_search_and_update(damage, built, tmp_pa
     edit(index)
     for argv in (["search", index, "red"], ["index", "update", index, "--workers", 0]):
         code, out, err = _run(capsys, *argv)
-        assert code == 2 and named in _one_error_line(err), err
+        assert code == 2 and named in one_error_line(err), err
 
 
 def test_truncated_vectors_are_one_line_for_update(built, tmp_path, capsys):
@@ -341,13 +311,13 @@ def test_truncated_vectors_are_one_line_for_update(built, tmp_path, capsys):
     shutil.copytree(built, index)
     _truncate_vectors(index)
     code, out, err = _run(capsys, "index", "update", index, "--workers", 0)
-    assert code == 2 and "vectors.npy" in _one_error_line(err), err
+    assert code == 2 and "vectors.npy" in one_error_line(err), err
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("pictures")
-    _draw(folder)
+    draw_good_images(folder)
     shards.embed_to_shards(folder, folder.parent / "built-emb", model=tiny_clip_dir, workers=0, progress=False)
     return folder, folder.parent / "built-emb"
 
@@ -362,21 +332,19 @@ def test_a_damaged_embeddings_manifest_is_one_line(field, value, embedded, tmp_p
     (tmp_path / "emb" / shards.MANIFEST).write_text(json.dumps({**data, field: value}))
     for argv in (["index", "build", tmp_path / "emb", "--out", tmp_path / "idx"], ["embed", folder, "--out", tmp_path / "emb", "--model", tiny_clip_dir]):
         code, out, err = _run(capsys, *argv)
-        assert code == 2 and field in _one_error_line(err), err
+        assert code == 2 and field in one_error_line(err), err
 
 
 def test_a_damaged_shard_is_one_line(embedded, tmp_path, capsys):
     shutil.copytree(embedded[1], tmp_path / "emb")
     (tmp_path / "emb" / "00000.jsonl").write_text('{"path": "a.png"}\n')
     code, out, err = _run(capsys, "index", "build", tmp_path / "emb", "--out", tmp_path / "idx")
-    assert code == 2 and "00000.jsonl line 1" in _one_error_line(err), err
+    assert code == 2 and "00000.jsonl line 1" in one_error_line(err), err
 
 
 @pytest.mark.parametrize("shard_size", [0, -1])
 def test_embed_refuses_a_shard_size_below_one(shard_size, tmp_path, tiny_clip_dir):
-    folder = tmp_path / "pictures"
-    folder.mkdir()
-    _draw(folder)
+    folder = draw_good_images(tmp_path / "pictures")
     with pytest.raises(VlmError, match="shard_size"):
         shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=shard_size, workers=0, progress=False)
     assert not (tmp_path / "emb").exists()
@@ -395,4 +363,4 @@ def test_embed_refuses_a_folder_of_the_users_and_a_second_writer(hazards, tmp_pa
     with _held(emb, shards.LOCK):
         with pytest.raises(VlmError, match=f"another vlmstack is writing {emb}"):
             shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False)
-    assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(GOOD)
+    assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(GOOD_IMAGES)

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers import write_checkpoint
 from vlm import hub
 from vlm.clip import load_clip
 from vlm.errors import VlmError
@@ -135,18 +135,10 @@ class _Pickled:
     """Any class: torch.save pickles it, and weights_only loading refuses it."""
 
 
-def _checkpoint_with(run, state) -> None:
-    from vlm.hashing import sha256_file
-
-    run.mkdir(exist_ok=True)
-    torch.save(state, run / "checkpoint.pt")
-    (run / "checkpoint.json").write_text(json.dumps({"step": 1, "sha256": sha256_file(run / "checkpoint.pt")}))
-
-
 def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_line(tmp_path):
     from vlm.train.checkpoint import load_checkpoint
 
-    _checkpoint_with(tmp_path / "run", {"step": 1, "extra": _Pickled()})
+    write_checkpoint(tmp_path / "run", {"step": 1, "extra": _Pickled()})
     with pytest.raises(VlmError, match="holds pickled objects that weights_only loading refuses") as raised:
         load_checkpoint(tmp_path / "run")
     _one_line_naming(raised.value, tmp_path / "run" / "checkpoint.pt")
@@ -156,7 +148,7 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_line(tmp_path):
 def test_a_damaged_checkpoint_record_is_refused_in_one_line(tmp_path, record):
     from vlm.train.checkpoint import load_checkpoint
 
-    _checkpoint_with(tmp_path / "run", {"step": 1})
+    write_checkpoint(tmp_path / "run", {"step": 1})
     (tmp_path / "run" / "checkpoint.json").write_text(record)
     with pytest.raises(VlmError) as raised:
         load_checkpoint(tmp_path / "run")

@@ -7,7 +7,7 @@ import pytest
 
 from apps.caption import caption_folder
 from retrieval import build_index, shards, store
-from tests.conftest import draw_shape
+from tests.helpers import draw_shape
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'vlmstack[ray]'")
 

@@ -11,7 +11,7 @@ from retrieval import store
 from retrieval.query import parse_query
 from retrieval.spec import apply_search_params, auto_spec, build_faiss, tune_search
 from vlm.errors import VlmError
-from tests.conftest import draw_shape
+from tests.helpers import draw_shape
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from retrieval import index as index_module
 from vlm.data import sources, webdataset
 from vlm.errors import VlmError
 from vlm.images import load_image
-from tests.conftest import draw_shape
+from tests.helpers import draw_shape
 
 SAMPLES = [("red", "circle"), ("blue", "rectangle"), ("green", "rectangle"), ("red", "rectangle"), ("blue", "circle")]
 
