@@ -1,34 +1,23 @@
+"""Training CLIP from a recipe (vlm/train/clip.py); the loop it runs is tested in test_trainer.py."""
+
 import json
 
 import pytest
 
+from tests.helpers import logged_losses, tiny_clip_recipe, write_json
 from vlm.clip import load_clip
 from vlm.errors import VlmError
 from vlm.train.clip import train_clip
-from vlm.train.trainer import epoch_batches, lr_factor
 
 
-def _recipe(tmp_path, data, **train):
-    recipe = {
-        "arch": "clip-tiny",
-        "data": str(data),
-        "val_fraction": 0.0,
-        "augment": None,
-        "train": {"epochs": 4, "batch_size": 12, "lr": 2e-3, "warmup_steps": 2, "workers": 0, "log_every": 1, **train},
-    }
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(recipe))
-    return path
-
-
-def _losses(run):
-    return [float(line.split(",")[3]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+def _recipe(tmp_path, data, **train) -> str:
+    return write_json(tmp_path / "recipe.json", tiny_clip_recipe(data, **train))
 
 
 def test_a_few_steps_lower_the_loss_and_leave_a_model_directory(tmp_path, shapes_dataset):
     run = tmp_path / "run"
-    train_clip(str(_recipe(tmp_path, shapes_dataset)), run)
-    losses = _losses(run)
+    train_clip(_recipe(tmp_path, shapes_dataset), run)
+    losses = logged_losses(run)
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert (run / "curves.png").stat().st_size > 1000
@@ -37,50 +26,10 @@ def test_a_few_steps_lower_the_loss_and_leave_a_model_directory(tmp_path, shapes
     load_clip(str(run))  # the run directory is a model
 
 
-def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shapes_dataset):
-    recipe = _recipe(tmp_path, shapes_dataset, epochs=1)
-    train_clip(str(recipe), tmp_path / "run")
-    with pytest.raises(VlmError, match="--resume"):
-        train_clip(str(recipe), tmp_path / "run")
-
-
-def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path, shapes_dataset, monkeypatch):
-    from vlm.train import trainer as trainer_module
-
-    full = tmp_path / "full"
-    train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)), full)
-
-    crashed = tmp_path / "crashed"
-    original = trainer_module.Trainer._train_step
-
-    def crash_at_step_7(self, batch):
-        if self.step == 7:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_train_step", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)), crashed)
-    monkeypatch.setattr(trainer_module.Trainer, "_train_step", original)
-    assert json.loads((crashed / "checkpoint.json").read_text())["step"] == 6  # mid-epoch checkpoint
-    train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)), crashed, resume=True)
-    assert _losses(crashed) == pytest.approx(_losses(full), rel=1e-4)
-
-
-def test_half_written_checkpoint_is_refused(tmp_path, shapes_dataset):
-    run = tmp_path / "run"
-    recipe = _recipe(tmp_path, shapes_dataset, epochs=1)
-    train_clip(str(recipe), run)
-    data = (run / "checkpoint.pt").read_bytes()
-    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(VlmError, match="checksum"):
-        train_clip(str(recipe), run, resume=True)
-
-
 def test_corrupt_images_are_skipped_and_counted(tmp_path, shapes_dataset):
     (shapes_dataset.parent / "images" / "red-circle-0.png").write_bytes(b"broken")
     run = tmp_path / "run"
-    train_clip(str(_recipe(tmp_path, shapes_dataset, epochs=1)), run)
+    train_clip(_recipe(tmp_path, shapes_dataset, epochs=1), run)
     assert json.loads((run / "model_card.json").read_text())["skipped_images"] == 1
 
 
@@ -89,59 +38,3 @@ def test_unknown_recipe_key_is_an_error(tmp_path, shapes_dataset):
     path.write_text(json.dumps({"arch": "clip-tiny", "data": str(shapes_dataset), "lerning_rate": 1}))
     with pytest.raises(VlmError, match="lerning_rate"):
         train_clip(str(path), tmp_path / "run")
-
-
-def test_schedule_warms_up_then_decays_to_the_floor():
-    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
-
-
-def test_epoch_batches_are_seeded_and_differ_by_epoch():
-    assert epoch_batches(50, 8, seed=1, epoch=0) == epoch_batches(50, 8, seed=1, epoch=0)
-    assert epoch_batches(50, 8, seed=1, epoch=0) != epoch_batches(50, 8, seed=1, epoch=1)
-    assert len(epoch_batches(50, 8, seed=1, epoch=0)) == 6
-
-
-def test_length_grouping_keeps_every_example_once_and_cuts_padding():
-    lengths = [(i * 37) % 100 + 1 for i in range(1000)]
-    grouped = epoch_batches(1000, 10, seed=0, epoch=0, lengths=lengths)
-    plain = epoch_batches(1000, 10, seed=0, epoch=0)
-    assert sorted(i for b in grouped for i in b) == list(range(1000))
-
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    assert padding(grouped) < 0.2 * padding(plain)
-    assert grouped != epoch_batches(1000, 10, seed=0, epoch=1, lengths=lengths)
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_autocast_is_taken_only_where_the_cpu_computes_bf16_natively(tmp_path, monkeypatch, caplog, native):
-    import torch
-
-    from vlm.train import trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "native_bf16", lambda: native)
-    layer = torch.nn.Linear(4, 1)
-    seen = []
-
-    class Objective(torch.nn.Module):
-        def forward(self, batch):
-            out = layer(batch["x"])
-            seen.append(out.dtype)
-            return out.float().pow(2).mean()
-
-    data = [torch.randn(4) for _ in range(8)]
-    trainer = trainer_module.Trainer(
-        model=layer,
-        groups=trainer_module.param_groups(layer, 0.0),
-        config=trainer_module.TrainConfig(epochs=1, batch_size=4, bf16=True, workers=0),
-        run_dir=tmp_path / "run",
-        dataset=data,
-        collate=lambda xs: {"x": torch.stack(xs), "size": len(xs), "skipped": []},
-        objective=Objective(),
-    )
-    trainer.fit()
-    assert seen == [torch.bfloat16 if native else torch.float32] * 2
-    assert ("no native bfloat16" in caplog.text) is not native
