@@ -1,17 +1,19 @@
-"""Our LLaVA models as Hugging Face LLaVA checkpoints: transformers' LlavaForConditionalGeneration,
-loading the export, computes our logits and our greedy answers (tiny random models, nothing downloaded)."""
+"""Our LLaVA models as Hugging Face LLaVA checkpoints and back: transformers' LlavaForConditionalGeneration,
+loading the export, computes our logits and our greedy answers; a HF LLaVA checkpoint loads into our
+LlavaModel with transformers' logits (tiny random models, nothing downloaded)."""
 
 import copy
 import json
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tests.conftest import draw_shape
 from vlm.errors import VlmError
 from vlm.hf_llava import export_hf_llava
+from vlm.load import load_vlm
 
 QUESTIONS = ["what color is the shape?", "what shape?", "is there a red circle in the picture?", "color?"]
 
@@ -45,6 +47,14 @@ def exported(request, tiny_clip, tiny_lm_and_tokenizer, tmp_path_factory):
     out = export_hf_llava(ours, tmp_path_factory.mktemp("export") / "hf")
     theirs = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
     return ours, theirs, AutoProcessor.from_pretrained(str(out)), out
+
+
+def draw_shape(color: str, shape: str, offset: int) -> Image.Image:
+    image = Image.new("RGB", (64, 64), (250, 245, 240))
+    box = (12 + offset, 12 + offset, 44 + offset, 44 + offset)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    return image
 
 
 def images():
@@ -124,3 +134,127 @@ def test_cli_export_writes_a_checkpoint_and_refuses_an_existing_directory(tiny_l
     assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
     assert main(["export", tiny_llava_dir, "--format", "hf-llava", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_then_load_gives_bit_identical_tensors(exported):
+    from vlm.load import is_vqa_directory
+
+    ours, _, _, out = exported
+    assert is_vqa_directory(out)
+    back = load_vlm(str(out))
+    mine, loaded = ours.state_dict(), back.state_dict()
+    assert set(mine) == set(loaded)
+    dropped = {"vision.visual.proj"}  # CLIP's pooled projection: no place in the HF format, unused
+    assert [k for k in mine if k not in dropped and not torch.equal(mine[k], loaded[k])] == []
+    assert (back.config.projector, back.config.vision.layer) == (ours.config.projector, ours.config.vision.layer)
+    assert back.answer_batch(images(), QUESTIONS, max_new_tokens=4) == ours.answer_batch(
+        images(), QUESTIONS, max_new_tokens=4
+    )
+
+
+def tiny_tokenizer():
+    """A BPE tokenizer like a shipped LLaVA's: <image> but no <|endofchunk|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["USER: what color is the shape?\nASSISTANT: red"] * 10, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>"],
+    )
+
+
+def save_tiny_hf_llava(directory, *, hidden_act: str, feature_layer: int, strategy: str):
+    """A random LlavaForConditionalGeneration shaped like llava-1.5 (CLIP + Llama), saved by transformers."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tokenizer = tiny_tokenizer()
+    widths = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
+    vision = CLIPVisionConfig(
+        **widths,
+        num_hidden_layers=3,
+        image_size=32,
+        patch_size=8,
+        hidden_act=hidden_act,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        **widths,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer) + 8,  # padded, as the real checkpoints' are
+        max_position_embeddings=256,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("hidden_act, feature_layer, strategy", [("quick_gelu", -2, "default"), ("gelu", 2, "full")])
+def test_hf_llava_built_with_transformers_loads_with_its_logits(tmp_path, hidden_act, feature_layer, strategy):
+    theirs, tokenizer = save_tiny_hf_llava(
+        tmp_path, hidden_act=hidden_act, feature_layer=feature_layer, strategy=strategy
+    )
+    ours = load_vlm(str(tmp_path))
+    image_tokens = 16 + (strategy == "full")  # (32 / 8)^2 patches, + CLS when kept
+    assert ours.image_token_count == image_tokens
+    text = tokenizer("USER: what color is the shape?\nASSISTANT:")["input_ids"]
+    ids = torch.tensor([[ours.image_token_id] * image_tokens + text] * 2)  # (2, T)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second row left padded
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = ours(input_ids=ids, attention_mask=mask, pixels=pixels).logits
+        reference = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert (mine - reference)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_other_hf_model_types_are_refused_in_one_line(tiny_lm_and_tokenizer, tmp_path):
+    lm, tokenizer = tiny_lm_and_tokenizer
+    lm.save_pretrained(tmp_path / "llama")
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    for directory, model_type in ((tmp_path / "llama", "llama"), (tmp_path / "qwen", "qwen2_vl")):
+        with pytest.raises(VlmError, match=f"a Hugging Face {model_type} checkpoint.*supported model types: llava"):
+            load_vlm(str(directory))
+
+
+def test_missing_or_unexpected_checkpoint_weights_fail(exported, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, _, out = exported
+    state = load_file(str(out / "model.safetensors"))
+    for name, changed in (
+        ("extra", {**state, "multi_modal_projector.linear_3.weight": torch.zeros(2)}),
+        ("missing", {k: v for k, v in state.items() if "encoder.layers.1.mlp.fc2.bias" not in k}),
+    ):
+        copy_dir = tmp_path / name
+        shutil.copytree(out, copy_dir)
+        save_file(changed, str(copy_dir / "model.safetensors"))
+        with pytest.raises(VlmError, match="unexpected|missing") as error:
+            load_vlm(str(copy_dir))
+        assert "\n" not in str(error.value)

@@ -1,4 +1,5 @@
-"""`load_vlm`: a visual question-answering model by shipped name or directory."""
+"""`load_vlm`: a visual question-answering model by shipped name or directory (ours, or a
+Hugging Face LLaVA checkpoint directory: vlm/hf_import.py)."""
 
 from vlm import hub
 from vlm.errors import VlmError
@@ -10,10 +11,14 @@ def load_vlm(spec: str):
     """A LlavaModel or FlamingoModel, ready to answer.
 
     Raises:
-        VlmError: not a shipped name or model directory of a VQA model.
+        VlmError: not a shipped name, model directory of a VQA model or HF LLaVA checkpoint.
     """
     directory = hub.resolve_dir(spec)
     kind = hub.model_kind(directory) if directory else None
+    if kind == "lm":  # a Hugging Face checkpoint: config.json with a model_type
+        from vlm.hf_import import load_hf_llava
+
+        return load_hf_llava(directory)
     if kind == "llava":
         from vlm.llava import LlavaModel
 
@@ -27,3 +32,9 @@ def load_vlm(spec: str):
     raise VlmError(
         f"{spec!r} is {what}; VQA models: {', '.join(names) or 'none shipped'}, or a trained LLaVA/Flamingo directory"
     )
+
+
+def is_vqa_directory(directory) -> bool:
+    """True for a model directory load_vlm takes: our LLaVA/Flamingo, or a Hugging Face LLaVA checkpoint."""
+    kind = hub.model_kind(directory)
+    return kind in VQA_KINDS or (kind == "lm" and hub.read_config(directory).get("model_type") == "llava")

@@ -2,7 +2,8 @@
 
 LLaVA-1.5 reads the patch tokens of the penultimate transformer layer (the last one is
 shaped for CLIP's pooled embedding, not for describing regions); `layer` picks any other.
-The class token is dropped. The tower is frozen by the training recipes, not here.
+The class token is dropped unless `keep_cls` (Hugging Face LLaVA's select strategy "full").
+The tower is frozen by the training recipes, not here.
 """
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from vlm.images import ImageTransform
 class VisionConfig:
     clip: ClipConfig  # the CLIP whose image tower gives the patch features
     layer: int = -2  # transformer block whose patch tokens are read (-2: the penultimate)
+    keep_cls: bool = False  # the class token comes first in the features (HF LLaVA's "full" strategy)
 
 
 class VisionTower(nn.Module):
@@ -54,8 +56,9 @@ class VisionTower(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """Tokens per image in the features: the patches, plus the class token if kept."""
         height, width = self.visual.grid_size
-        return height * width
+        return height * width + int(self.config.keep_cls)
 
     @property
     def transform(self) -> ImageTransform:
@@ -64,8 +67,16 @@ class VisionTower(nn.Module):
         return ImageTransform(size, tuple(self.config.clip.image_mean), tuple(self.config.clip.image_std))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, num_patches, width) patch tokens of the chosen layer."""
+        """(B, 3, S, S) -> (B, num_patches, width) tokens of the chosen layer ([CLS] first if kept)."""
         out = self.visual.forward_intermediates(
-            pixels, indices=[self.layer_index], stop_early=True, output_fmt="NLC", intermediates_only=True
+            pixels,
+            indices=[self.layer_index],
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            output_extra_tokens=self.config.keep_cls,
         )
-        return out["image_intermediates"][0]
+        patches = out["image_intermediates"][0]  # (B, P, W)
+        if not self.config.keep_cls:
+            return patches
+        return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)  # (B, 1 + P, W)
