@@ -1,17 +1,22 @@
 """HF LLaVA export benchmark: the shipped LLaVA exported with `vlmstack export --format hf-llava`,
 answered by transformers' LlavaForConditionalGeneration, against vlmstack on the same questions.
 
-    .venv/bin/python -m benchmarks.hf_export
+    .venv/bin/python -m benchmarks.hf_export [--transformers4 /tmp/tf457]
 
 Measures, on the first 200 easyvqa:test questions (evaluation only): how many greedy answers
 are identical at batch 16 with left padding (transformers gets the exported processor's
 pixels and token ids, vlmstack its own), both accuracies, the largest logit difference on
 the first batch; and generation throughput (image encoding included, after a warm-up),
-vlmstack vs transformers' `generate`, at batch 1 and 16 with 24 forced new tokens. Writes docs/benchmarks/hf_export.md and .json.
+vlmstack vs transformers' `generate`, at batch 1 and 16 with 24 forced new tokens. With
+--transformers4 DIR, also whether transformers 4 (installed in DIR) loads the export and
+gives the same answers. Writes docs/benchmarks/hf_export.md and .json.
 """
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from benchmarks.common import timed, write_report
+from benchmarks.common import ROOT, timed, write_report
 from vlm.data.sources import vqa_records
 from vlm.eval.vqa import vqa_metrics
 from vlm.generation import GenerationConfig, generate
@@ -81,26 +86,66 @@ def hf_tokens_per_second(model, processor, images, batch: int) -> float:
     return len(images) * NEW_TOKENS / (time.perf_counter() - started)
 
 
+def other_transformers(site: str, checkpoint: Path, records) -> dict:
+    """Load and answer with the transformers installed in `site` (a subprocess: one process
+    cannot import two transformers); returns its version, loading info and answers."""
+    request = {
+        "checkpoint": str(checkpoint),
+        "images": [r.image for r in records],
+        "questions": [r.question for r in records],
+        "batch": BATCH,
+        "max_new_tokens": 8,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    env = {**os.environ, "PYTHONPATH": site}
+    command = [sys.executable, "-m", "benchmarks.hf_export_transformers4", f.name]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    os.unlink(f.name)
+    if done.returncode:
+        raise SystemExit(f"transformers in {site} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def older_transformers_lines(older: dict | None) -> list[str]:
+    if older is None:
+        return []
+    info = older["loading_info"]
+    return [
+        f"- transformers {older['transformers']} (another install, in a subprocess): loads the export with "
+        f"{len(info['missing_keys'])} missing and {len(info['unexpected_keys'])} unexpected keys; "
+        f"answers identical to vlmstack's on **{older['identical_answers']} / {QUESTIONS}**.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llava-easyvqa")
+    parser.add_argument(
+        "--transformers4",
+        metavar="DIR",
+        help="also answer with the transformers installed in DIR (pip install --target DIR --no-deps "
+        "'transformers==4.57.*' 'tokenizers<0.23' 'huggingface-hub<1.0')",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     ours = load_vlm(args.model)
     records = vqa_records("easyvqa:test")[:QUESTIONS]
     images = [load_image(r.image) for r in records]
     questions = [r.question for r in records]
-    with tempfile.TemporaryDirectory() as tmp:
-        out, export_seconds = timed(export_hf_llava, ours, Path(tmp) / "hf")
-        theirs, load_seconds = timed(LlavaForConditionalGeneration.from_pretrained, str(out))
-        theirs.eval()
-        processor = AutoProcessor.from_pretrained(str(out))
+    workdir = tempfile.TemporaryDirectory()
+    out, export_seconds = timed(export_hf_llava, ours, Path(workdir.name) / "hf")
+    theirs, load_seconds = timed(LlavaForConditionalGeneration.from_pretrained, str(out))
+    theirs.eval()
+    processor = AutoProcessor.from_pretrained(str(out))
     mine, reference = [], []
     for s in range(0, len(records), BATCH):
         mine += ours.answer_batch(images[s : s + BATCH], questions[s : s + BATCH], max_new_tokens=8)
         reference += hf_answers(theirs, processor, images[s : s + BATCH], questions[s : s + BATCH])
     answers = [r.answer for r in records]
     same = sum(a == b for a, b in zip(mine, reference))
+    older = other_transformers(args.transformers4, out, records) if args.transformers4 else None
+    workdir.cleanup()
     logit_diff = largest_logit_difference(ours, theirs, processor, images[:BATCH], questions[:BATCH])
     our_tokens_per_second(ours, images[:4], 2)  # warm up both before timing
     hf_tokens_per_second(theirs, processor, images[:4], 2)
@@ -123,6 +168,9 @@ def main() -> None:
         "tokens_per_second": throughput,
         "load_average_1min": os.getloadavg()[0],  # other work on the machine makes the timings noisy
     }
+    if older:
+        older["identical_answers"] = sum(a == b for a, b in zip(mine, older.pop("answers")))
+        data["older_transformers"] = older
     rows = [
         f"| {b.replace('_', ' ')} | {t['vlmstack']:.0f} | {t['transformers']:.0f} | "
         f"{t['vlmstack'] / t['transformers']:.2f}x |"
@@ -140,6 +188,7 @@ def main() -> None:
         f"- Accuracy: vlmstack {data['accuracy']['vlmstack']['accuracy']:.3f}, "
         f"transformers {data['accuracy']['transformers']['accuracy']:.3f}.",
         f"- Largest logit difference on the first batch (real positions): {logit_diff:.2e}.",
+        *older_transformers_lines(data.get("older_transformers")),
         "",
         f"## Generation throughput ({NEW_TOKENS} forced new tokens, 48 prompts, images encoded, tokens/s)",
         "",

@@ -249,11 +249,17 @@ def processor(model) -> LlavaProcessor:
     )
 
 
-def record_left_padding(path: Path) -> None:
-    """Write padding_side "left" into tokenizer_config.json: save_pretrained leaves it out, and a
-    right-padded batch then generates after its padding."""
+def portable_tokenizer_config(path: Path) -> None:
+    """Make tokenizer_config.json readable by transformers 4 and 5 alike, with left padding recorded
+    (save_pretrained leaves it out, and a right-padded batch then generates after its padding):
+    transformers 5's generic class name and list of extra special tokens become 4's names."""
     settings = json.loads(path.read_text())
     settings["padding_side"] = "left"
+    settings["model_input_names"] = ["input_ids", "attention_mask"]  # not token_type_ids, which generate refuses
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(settings.get("extra_special_tokens"), list):
+        settings["additional_special_tokens"] = settings.pop("extra_special_tokens")
     write_json(path, settings)
 
 
@@ -287,7 +293,7 @@ def export_hf_llava(model, out: str | Path) -> Path:
         generation_config(model).save_pretrained(tmp)
         processor(model).save_pretrained(tmp)
         image_processor(model).save_pretrained(tmp)  # preprocessor_config.json, where transformers 4 looks
-        record_left_padding(tmp / "tokenizer_config.json")
+        portable_tokenizer_config(tmp / "tokenizer_config.json")
         save_file(hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tmp.rename(out)
     except BaseException:
