@@ -60,7 +60,12 @@ def tiny_llava(tiny_clip, tiny_lm_and_tokenizer):
 
     lm, tokenizer = tiny_lm_and_tokenizer
     torch.manual_seed(0)
-    return build_llava(vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer), max_length=128).eval()
+    return build_llava(
+        vision=VisionTower.from_clip(tiny_clip),
+        lm=copy.deepcopy(lm),
+        tokenizer=copy.deepcopy(tokenizer),
+        max_length=128,
+    ).eval()
 
 
 @pytest.fixture
@@ -75,8 +80,13 @@ def tiny_flamingo(tiny_clip, tiny_lm_and_tokenizer):
     torch.manual_seed(0)
     resampler = ResamplerConfig(depth=1, heads=2, head_dim=32, num_latents=8, max_frames=2)
     return build_flamingo(
-        vision=VisionTower.from_clip(tiny_clip), lm=copy.deepcopy(lm), tokenizer=copy.deepcopy(tokenizer),
-        resampler=resampler, xattn_heads=2, xattn_head_dim=32, max_length=128,
+        vision=VisionTower.from_clip(tiny_clip),
+        lm=copy.deepcopy(lm),
+        tokenizer=copy.deepcopy(tokenizer),
+        resampler=resampler,
+        xattn_heads=2,
+        xattn_head_dim=32,
+        max_length=128,
     ).eval()
 
 

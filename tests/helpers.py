@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 GOOD_IMAGES = ["blue-rectangle.png", "green-circle.png", "red-circle.png"]  # what draw_good_images writes
-HAZARDS = ["fifo.png", "dangling.png", "loop.png", "caf\\xe9.png"]  # make_hazard_folder's bad entries, as reports print them
+# make_hazard_folder's bad entries, as reports print them
+HAZARDS = ["fifo.png", "dangling.png", "loop.png", "caf\\xe9.png"]
 
 
 # ---- pictures and folders ----
@@ -75,7 +76,9 @@ def vlm_batch(model, turns: list[tuple[str, str]], images: list) -> dict:
     ids, labels = model.encode(turns)
     input_ids = torch.tensor([ids])
     pixels = torch.stack([model.transform(im) for im in images]) if images else None
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixels=pixels, labels=torch.tensor([labels]))
+    return dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixels=pixels, labels=torch.tensor([labels])
+    )
 
 
 def losses_fitting_one_batch(model, batch: dict, *, lr: float, steps: int = 15) -> list[float]:
@@ -132,7 +135,13 @@ def tiny_clip_recipe(data: Path, **train) -> dict:
     """A recipe training clip-tiny on the captions file `data`, without validation split or
     augmentation: 4 epochs of 12-image batches, logging every step; `train` overrides."""
     defaults = {"epochs": 4, "batch_size": 12, "lr": 2e-3, "warmup_steps": 2, "workers": 0, "log_every": 1}
-    return {"arch": "clip-tiny", "data": str(data), "val_fraction": 0.0, "augment": None, "train": {**defaults, **train}}
+    return {
+        "arch": "clip-tiny",
+        "data": str(data),
+        "val_fraction": 0.0,
+        "augment": None,
+        "train": {**defaults, **train},
+    }
 
 
 def write_json(path: Path, data) -> str:

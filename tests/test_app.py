@@ -66,7 +66,9 @@ def test_empty_search_is_a_readable_error(client):
 @pytest.mark.parametrize("model", ["llava-easyvqa", "flamingo-easyvqa"])
 def test_a_chat_turn_about_an_easyvqa_image_is_answered_right(client, model):
     image = easyvqa.images("test")[3]
-    reply = client.predict({"text": "what color is the shape?", "files": [handle_file(image.path)]}, model, api_name="/chat")
+    reply = client.predict(
+        {"text": "what color is the shape?", "files": [handle_file(image.path)]}, model, api_name="/chat"
+    )
     assert reply.strip() == image.color
 
 
@@ -111,7 +113,9 @@ def _call(app, api_name: str, data: list, *, headers: dict | None = None, timeou
     """A raw Gradio API call over HTTP, as any program could make it: (event, data) of the
     result ("complete" or "error")."""
     base = app.local_url.rstrip("/")
-    posted = httpx.post(f"{base}/gradio_api/call/{api_name}", json={"data": data}, headers=headers or {}, timeout=timeout)
+    posted = httpx.post(
+        f"{base}/gradio_api/call/{api_name}", json={"data": data}, headers=headers or {}, timeout=timeout
+    )
     posted.raise_for_status()
     result = httpx.get(f"{base}/gradio_api/call/{api_name}/{posted.json()['event_id']}", timeout=timeout).text
     events = [line.removeprefix("event: ") for line in result.splitlines() if line.startswith("event: ")]
@@ -148,10 +152,26 @@ def test_chat_history_in_the_api_is_only_what_the_call_passes(client):
         message = {"text": "what color is the shape?", "files": [handle_file(picture.path)]}
         assert client.predict(message, "llava-easyvqa", api_name="/chat") == picture.color
     first, second = easyvqa.images("test")[20:22]
-    history = [{"role": "user", "content": [{"type": "file", "file": handle_file(first.path)}, {"type": "text", "text": "what shape is it?"}]},
-               {"role": "assistant", "content": first.shape}]
-    follow_up = client.predict({"text": "what color is the shape?", "files": []}, "llava-easyvqa", history, api_name="/chat")
-    assert follow_up == first.color == fresh.predict({"text": "what color is the shape?", "files": [handle_file(first.path)]}, "llava-easyvqa", api_name="/chat")
+    history = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "file", "file": handle_file(first.path)},
+                {"type": "text", "text": "what shape is it?"},
+            ],
+        },
+        {"role": "assistant", "content": first.shape},
+    ]
+    follow_up = client.predict(
+        {"text": "what color is the shape?", "files": []}, "llava-easyvqa", history, api_name="/chat"
+    )
+    assert (
+        follow_up
+        == first.color
+        == fresh.predict(
+            {"text": "what color is the shape?", "files": [handle_file(first.path)]}, "llava-easyvqa", api_name="/chat"
+        )
+    )
 
 
 def test_chat_errors_name_the_upload_not_the_server_path(client, tmp_path):
@@ -184,7 +204,9 @@ def test_concurrent_chats_get_the_answers_they_get_alone(client):
     pictures = easyvqa.images("test")[30:42]
 
     def ask(picture, model):
-        return Client(client.src, verbose=False).predict({"text": "what color is the shape?", "files": [handle_file(picture.path)]}, model, api_name="/chat")
+        return Client(client.src, verbose=False).predict(
+            {"text": "what color is the shape?", "files": [handle_file(picture.path)]}, model, api_name="/chat"
+        )
 
     for model in ("flamingo-easyvqa", "llava-easyvqa"):
         alone = [ask(p, model) for p in pictures]
@@ -196,10 +218,16 @@ def test_concurrent_chats_get_the_answers_they_get_alone(client):
 def test_requests_from_other_origins_or_hosts_are_refused(app):
     base = app.local_url.rstrip("/")
     upload = {"files": ("a.png", b"x", "image/png")}
-    assert httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert (
+        httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": "http://evil.example"}).status_code
+        == 403
+    )
     assert httpx.get(base, headers={"Host": "evil.example"}).status_code == 403
     own_origin = base.split("//", 1)[1]
-    assert httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": f"http://{own_origin}"}).status_code == 200
+    assert (
+        httpx.post(f"{base}/gradio_api/upload", files=upload, headers={"Origin": f"http://{own_origin}"}).status_code
+        == 200
+    )
     assert httpx.get(base).status_code == 200
 
 
@@ -226,7 +254,10 @@ def test_uploads_are_deleted_after_their_max_age(tmp_path):
     try:
         picture = tmp_path / "p.png"
         draw_shape("red", "circle").save(picture)
-        [path] = httpx.post(f"{app.local_url.rstrip('/')}/gradio_api/upload", files={"files": ("p.png", picture.read_bytes(), "image/png")}).json()
+        [path] = httpx.post(
+            f"{app.local_url.rstrip('/')}/gradio_api/upload",
+            files={"files": ("p.png", picture.read_bytes(), "image/png")},
+        ).json()
         assert os.path.isfile(path)
         deadline = time.time() + 15
         while os.path.exists(path) and time.time() < deadline:
@@ -250,8 +281,18 @@ def test_the_page_renders_in_a_real_browser(app, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("no chromium, and it cannot be installed here (needs root and apt-get)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", app.local_url], capture_output=True, text=True, timeout=180).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+    ]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", app.local_url], capture_output=True, text=True, timeout=180
+    ).stdout
     for text in ("vlmstack", "Search", "Chat", "Caption"):
         assert text in dom

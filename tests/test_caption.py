@@ -11,15 +11,17 @@ import zlib
 import pytest
 
 from apps.caption import caption_folder
+from tests.helpers import GOOD_IMAGES, HAZARDS, draw_shape, fail_if_blocked, make_hazard_folder
 from vlm.cli import main
 from vlm.errors import VlmError
-from tests.helpers import GOOD_IMAGES, HAZARDS, draw_shape, fail_if_blocked, make_hazard_folder
 
 
 def _huge_header_png(path):
     """A valid-looking PNG whose header claims 100000 x 100000 pixels."""
+
     def chunk(kind, data):
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
     header = (100000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
@@ -43,7 +45,12 @@ def test_bad_files_are_reported_and_the_rest_captioned(tiny_llava, messy_folder,
     out = tmp_path / "captions.jsonl"
     report = caption_folder(messy_folder, model=tiny_llava, out=out, batch_size=2, max_new_tokens=4, progress=False)
     assert report.captioned == 3
-    assert sorted(reason.split(":")[0].rsplit("/", 1)[-1] for reason in report.failed) == ["cut.jpg", "empty.png", "huge.png", "notes.png"]
+    assert sorted(reason.split(":")[0].rsplit("/", 1)[-1] for reason in report.failed) == [
+        "cut.jpg",
+        "empty.png",
+        "huge.png",
+        "notes.png",
+    ]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["image"] for r in rows) == ["pictures/good0.png", "pictures/good1.png", "pictures/good2.png"]
     assert "4 failed" in report.summary()
@@ -57,7 +64,9 @@ def test_a_second_run_skips_what_is_done(tiny_llava, messy_folder, tmp_path):
     assert (report.captioned, report.already_done) == (1, 3)
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == 4
-    again = caption_folder(messy_folder, model=tiny_llava, out=out, fmt="csv", overwrite=True, max_new_tokens=4, progress=False)
+    again = caption_folder(
+        messy_folder, model=tiny_llava, out=out, fmt="csv", overwrite=True, max_new_tokens=4, progress=False
+    )
     assert again.captioned == 4
 
 
@@ -65,14 +74,20 @@ def test_txt_format_writes_beside_each_image(tiny_llava, tmp_path):
     (tmp_path / "sub").mkdir()
     draw_shape("red", "circle").save(tmp_path / "a.png")
     draw_shape("blue", "circle").save(tmp_path / "sub" / "b.png")
-    report = caption_folder(tmp_path, model=tiny_llava, out=None, fmt="txt", recursive=True, max_new_tokens=4, progress=False)
+    report = caption_folder(
+        tmp_path, model=tiny_llava, out=None, fmt="txt", recursive=True, max_new_tokens=4, progress=False
+    )
     assert report.captioned == 2
     assert (tmp_path / "a.txt").is_file() and (tmp_path / "sub" / "b.txt").is_file()
 
 
 def test_batched_captions_equal_one_at_a_time(tiny_llava, messy_folder, tmp_path):
-    one = caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "1.jsonl", batch_size=1, max_new_tokens=6, progress=False)
-    many = caption_folder(messy_folder, model=tiny_llava, out=tmp_path / "8.jsonl", batch_size=8, max_new_tokens=6, progress=False)
+    one = caption_folder(
+        messy_folder, model=tiny_llava, out=tmp_path / "1.jsonl", batch_size=1, max_new_tokens=6, progress=False
+    )
+    many = caption_folder(
+        messy_folder, model=tiny_llava, out=tmp_path / "8.jsonl", batch_size=8, max_new_tokens=6, progress=False
+    )
     assert one.captioned == many.captioned
     assert (tmp_path / "1.jsonl").read_text() == (tmp_path / "8.jsonl").read_text()
 
@@ -88,8 +103,21 @@ def test_killed_run_resumed_captions_every_image_exactly_once(tiny_llava_dir, tm
     for i in range(40):
         draw_shape(["red", "blue", "green"][i % 3], "circle", offset=i % 8).save(folder / f"{i:03d}.png")
     out = tmp_path / "captions.jsonl"
-    command = [sys.executable, "-m", "vlm.cli", "caption", str(folder), "--model", str(tiny_llava_dir), "--out", str(out),
-               "--batch-size", "1", "--max-new-tokens", "24"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlm.cli",
+        "caption",
+        str(folder),
+        "--model",
+        str(tiny_llava_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "24",
+    ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
@@ -148,7 +176,18 @@ def test_fifo_links_and_latin1_names_are_reported_and_every_good_image_captioned
 def test_hazard_folder_through_the_cli_exits_0_and_names_each_bad_entry(tiny_llava_dir, tmp_path, capsys):
     folder = make_hazard_folder(tmp_path / "hazards")
     out = tmp_path / "captions.jsonl"
-    argv = ["caption", str(folder), "--model", tiny_llava_dir, "--out", str(out), "--batch-size", "2", "--max-new-tokens", "4"]
+    argv = [
+        "caption",
+        str(folder),
+        "--model",
+        tiny_llava_dir,
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
     with fail_if_blocked(60):
         assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -174,7 +213,9 @@ def test_a_folder_of_only_unreadable_entries_reports_them_instead_of_no_images(t
     assert report.captioned == 0 and len(report.failed) == 1 and "fifo.png" in report.failed[0]
 
 
-@pytest.mark.parametrize("option", [{"batch_size": 0}, {"batch_size": -3}, {"max_new_tokens": 0}, {"max_new_tokens": -1}])
+@pytest.mark.parametrize(
+    "option", [{"batch_size": 0}, {"batch_size": -3}, {"max_new_tokens": 0}, {"max_new_tokens": -1}]
+)
 def test_counts_below_one_are_refused_before_any_work(tiny_llava, messy_folder, tmp_path, option):
     out = tmp_path / "captions.jsonl"
     name = next(iter(option))
@@ -206,7 +247,9 @@ class _GatedModel:
 def test_a_second_run_on_the_same_output_fails_at_once_while_the_first_writes(tiny_llava, messy_folder, tmp_path, fmt):
     out = tmp_path / "captions.jsonl" if fmt == "jsonl" else None
     gated = _GatedModel(tiny_llava)
-    first = threading.Thread(target=lambda: caption_folder(messy_folder, model=gated, out=out, fmt=fmt, max_new_tokens=4, progress=False))
+    first = threading.Thread(
+        target=lambda: caption_folder(messy_folder, model=gated, out=out, fmt=fmt, max_new_tokens=4, progress=False)
+    )
     first.start()
     try:
         assert gated.entered.wait(60)

@@ -75,21 +75,60 @@ def test_eval_clip_with_no_readable_image_is_a_user_error(tiny_clip, tmp_path, c
 
 
 def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
-    assert main(["train", "clip", "--recipe", "clip-easyvqa", "--out", str(tmp_path / "r"), "--init", "clip-easyvqa"]) == 2
+    assert (
+        main(["train", "clip", "--recipe", "clip-easyvqa", "--out", str(tmp_path / "r"), "--init", "clip-easyvqa"]) == 2
+    )
     assert "--init continues llava and flamingo" in capsys.readouterr().err
-    assert main(["train", "flamingo", "--recipe", "flamingo-easyvqa", "--out", str(tmp_path / "r"), "--stage", "2"]) == 2
+    assert (
+        main(["train", "flamingo", "--recipe", "flamingo-easyvqa", "--out", str(tmp_path / "r"), "--stage", "2"]) == 2
+    )
     assert "--stage applies to train llava only" in capsys.readouterr().err
-    assert main(["eval", "vqa", "--model", "flamingo-easyvqa", "--data", "easyvqa:test", "--shots", "2", "--shot-data", "easyvqa:test"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "vqa",
+                "--model",
+                "flamingo-easyvqa",
+                "--data",
+                "easyvqa:test",
+                "--shots",
+                "2",
+                "--shot-data",
+                "easyvqa:test",
+            ]
+        )
+        == 2
+    )
     assert "must not be the test split" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-def test_index_build_refuses_a_bad_spec_before_embedding_anything(tiny_clip_dir, shapes_dataset, tmp_path, capsys, monkeypatch):
+def test_index_build_refuses_a_bad_spec_before_embedding_anything(
+    tiny_clip_dir, shapes_dataset, tmp_path, capsys, monkeypatch
+):
     import retrieval.index
 
-    monkeypatch.setattr(retrieval.index, "embed_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("embedded")))
+    monkeypatch.setattr(
+        retrieval.index, "embed_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("embedded"))
+    )
     folder = shapes_dataset.parent / "images"
-    assert main(["index", "build", str(folder), "--out", str(tmp_path / "idx"), "--model", tiny_clip_dir, "--index-spec", "Bogus"]) == 2
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(folder),
+                "--out",
+                str(tmp_path / "idx"),
+                "--model",
+                tiny_clip_dir,
+                "--index-spec",
+                "Bogus",
+            ]
+        )
+        == 2
+    )
     assert "not a FAISS index_factory string" in capsys.readouterr().err
 
 
@@ -114,7 +153,10 @@ NUMERIC_OPTIONS = {
     "embed --shard-size -1": (["embed", "src", "--out", "o", "--shard-size", "-1"], "--shard-size"),
     "caption --batch-size 0": (["caption", "dir", "--out", "c.jsonl", "--batch-size", "0"], "--batch-size"),
     "caption --max-new-tokens 0": (["caption", "dir", "--out", "c.jsonl", "--max-new-tokens", "0"], "--max-new-tokens"),
-    "caption --max-new-tokens 100000": (["caption", "dir", "--out", "c.jsonl", "--max-new-tokens", "100000"], "--max-new-tokens"),
+    "caption --max-new-tokens 100000": (
+        ["caption", "dir", "--out", "c.jsonl", "--max-new-tokens", "100000"],
+        "--max-new-tokens",
+    ),
     "caption --batch-size x": (["caption", "dir", "--out", "c.jsonl", "--batch-size", "x"], "--batch-size"),
     "app --port 99999": (["app", "--port", "99999"], "--port"),
     "app --port 0": (["app", "--port", "0"], "--port"),
@@ -163,7 +205,9 @@ BAD_CLIP_DIRECTORIES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CLIP_DIRECTORIES))
-def test_eval_clip_on_a_damaged_model_directory_is_one_line_exit_2(case, tiny_clip_dir, shapes_dataset, tmp_path, capsys):
+def test_eval_clip_on_a_damaged_model_directory_is_one_line_exit_2(
+    case, tiny_clip_dir, shapes_dataset, tmp_path, capsys
+):
     directory = _bad_copy(tiny_clip_dir, tmp_path, **BAD_CLIP_DIRECTORIES[case](tiny_clip_dir))
     assert main(["eval", "clip", "--model", str(directory), "--data", str(shapes_dataset)]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -177,12 +221,13 @@ def _llava_with(source, **changes):
 
 BAD_LLAVA_DIRECTORIES = {
     "config []": lambda d: {"config": "[]"},
-    "no lm": lambda d: {"config": json.dumps({k: v for k, v in json.loads((Path(d) / "config.json").read_text()).items() if k != "lm"})},
+    "no lm": lambda d: {
+        "config": json.dumps({k: v for k, v in json.loads((Path(d) / "config.json").read_text()).items() if k != "lm"})
+    },
     "max_length negative": lambda d: {"config": _llava_with(d, max_length=-1)},
     "projector unknown": lambda d: {"config": _llava_with(d, projector="bogus")},
     "random safetensors": lambda d: {"weights": os.urandom(3000)},
 }
-
 
 
 @pytest.mark.parametrize("case", list(BAD_LLAVA_DIRECTORIES))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from tests.helpers import draw_shape
 from vlm.clip import build_clip, load_clip
 from vlm.errors import VlmError
-from tests.helpers import draw_shape
 
 
 def test_save_load_round_trip_gives_identical_embeddings(tiny_clip, tmp_path):

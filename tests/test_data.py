@@ -56,7 +56,11 @@ def test_folder_listing_is_recursive_sorted_and_skips_hidden(tmp_path):
     for name in ["b.png", "a.JPG", "sub/c.webp", ".hidden/d.png", "notes.txt", "sub/.e.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path).images] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path).images] == [
+        "a.JPG",
+        "b.png",
+        "sub/c.webp",
+    ]
     assert len(find_images(tmp_path, recursive=False).images) == 2
 
 
@@ -103,7 +107,10 @@ def test_easyvqa_caption_matches_the_what_questions():
 
 def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_forms():
     by_path = {im.path: im for im in easyvqa.images("train")}
-    own_forms = {re.sub(r"\b(%s)\b" % "|".join(easyvqa.COLORS + easyvqa.SHAPES), "X", r.question) for r in vqa_records("easyvqa:train")}
+    own_forms = {
+        re.sub(r"\b(%s)\b" % "|".join(easyvqa.COLORS + easyvqa.SHAPES), "X", r.question)
+        for r in vqa_records("easyvqa:train")
+    }
     records = easyvqa.balanced_yes_no("train", 4)
     assert len(records) == 4 * len(by_path)
     for record in records:
@@ -114,7 +121,10 @@ def test_balanced_yes_no_questions_are_true_to_the_labels_and_in_easyvqas_own_fo
         assert stated == (subject in (image.color, image.shape)), record
         assert re.sub(r"\b%s\b" % subject, "X", record.question) in own_forms
     yes = sum(r.answer == "yes" for r in records) / len(records)
-    about_the_image = sum(set(re.findall(r"[a-z]+", r.question)) & {by_path[r.image].color, by_path[r.image].shape} != set() for r in records)
+    about_the_image = sum(
+        set(re.findall(r"[a-z]+", r.question)) & {by_path[r.image].color, by_path[r.image].shape} != set()
+        for r in records
+    )
     assert 0.45 < yes < 0.55 and about_the_image == len(records) // 2
 
 
@@ -197,27 +207,45 @@ def test_recall_questions_follow_yes_no_questions_and_name_the_asked_colour_or_s
         return {"from": role, "value": value}
 
     conversations = [
-        {"conversations": [turn("human", "<image>\nis there a red shape?"), turn("gpt", "no"), turn("human", "is there a circle?"), turn("gpt", "yes")]},
+        {
+            "conversations": [
+                turn("human", "<image>\nis there a red shape?"),
+                turn("gpt", "no"),
+                turn("human", "is there a circle?"),
+                turn("gpt", "yes"),
+            ]
+        },
         {"conversations": [turn("human", "<image>\nwhat color is the shape?"), turn("gpt", "blue")]},
         {"conversations": [turn("human", "<image>\ndoes the image not contain a teal shape?"), turn("gpt", "yes")]},
     ]
     add_recall_questions(conversations, 1.0)
     values = [[t["value"] for t in c["conversations"]] for c in conversations]
     color, shape = RECALL_QUESTIONS["color"], RECALL_QUESTIONS["shape"]
-    assert values[0] == ["<image>\nis there a red shape?", "no", color, "red", "is there a circle?", "yes", shape, "circle"]
+    assert values[0] == [
+        "<image>\nis there a red shape?",
+        "no",
+        color,
+        "red",
+        "is there a circle?",
+        "yes",
+        shape,
+        "circle",
+    ]
     assert values[1] == ["<image>\nwhat color is the shape?", "blue"]  # not a yes/no question
     assert values[2][2:] == [color, "teal"]
     assert [t["from"] for t in conversations[0]["conversations"]] == ["human", "gpt"] * 4
 
-    colors_only = add_recall_questions([{"conversations": [turn("human", "is there a circle?"), turn("gpt", "yes")]}], 1.0, attributes=("color",))
+    colors_only = add_recall_questions(
+        [{"conversations": [turn("human", "is there a circle?"), turn("gpt", "yes")]}], 1.0, attributes=("color",)
+    )
     assert len(colors_only[0]["conversations"]) == 2
     none = add_recall_questions([{"conversations": [turn("human", "is there a red shape?"), turn("gpt", "no")]}], 0.0)
     assert len(none[0]["conversations"]) == 2
 
 
 def test_conversation_images_are_augmented_before_the_transform_and_bad_ones_still_skipped(tmp_path):
-    from PIL import ImageOps
     import torch
+    from PIL import ImageOps
 
     from tests.helpers import draw_shape
     from vlm.data.image_text import Skipped
@@ -228,7 +256,10 @@ def test_conversation_images_are_augmented_before_the_transform_and_bad_ones_sti
     draw_shape("blue", "rectangle").save(tmp_path / "b.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     transform = ImageTransform(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    sequences = [([1, 2], [-100, 2], [str(tmp_path / "a.png"), str(tmp_path / "b.png")]), ([1], [-100], [str(tmp_path / "bad.png")])]
+    sequences = [
+        ([1, 2], [-100, 2], [str(tmp_path / "a.png"), str(tmp_path / "b.png")]),
+        ([1], [-100], [str(tmp_path / "bad.png")]),
+    ]
     plain = ConversationDataset(sequences, transform=transform)
     mirrored = ConversationDataset(sequences, transform=transform, augment=ImageOps.mirror)
     for before, after in zip(plain[0]["pixels"], mirrored[0]["pixels"]):

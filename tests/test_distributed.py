@@ -16,7 +16,11 @@ TOLERANCE = 1e-3
 def _train(tmp_path, kind: str, recipe: dict, out: str, processes: int):
     path = tmp_path / f"{out}.json"
     path.write_text(json.dumps(recipe))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     command = [*launcher, "-m", "vlm.cli", "train", kind, "--recipe", str(path), "--out", str(tmp_path / out)]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
@@ -37,10 +41,16 @@ def test_llava_trains_with_two_processes(tmp_path, shapes_dataset, pretrained_di
     clip_dir, lm_dir = pretrained_dirs
     train = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0, "log_every": 1}
     recipe = {
-        "vision": clip_dir, "lm": lm_dir, "max_length": 128, "val_fraction": 0.0,
-        "stage1": {"data": str(shapes_dataset), "train": train}, "stage2": {"data": str(shapes_dataset), "train": train},
+        "vision": clip_dir,
+        "lm": lm_dir,
+        "max_length": 128,
+        "val_fraction": 0.0,
+        "stage1": {"data": str(shapes_dataset), "train": train},
+        "stage2": {"data": str(shapes_dataset), "train": train},
     }
     one = _train(tmp_path, "llava", recipe, "one", 1)
     two = _train(tmp_path, "llava", recipe, "two", 2)
     assert two == pytest.approx(one, rel=TOLERANCE)
-    assert (tmp_path / "two" / "stage1" / "model.safetensors").is_file() and (tmp_path / "two" / "model.safetensors").is_file()
+    assert (tmp_path / "two" / "stage1" / "model.safetensors").is_file() and (
+        tmp_path / "two" / "model.safetensors"
+    ).is_file()

@@ -9,7 +9,14 @@ def test_normalisation_strips_case_punctuation_and_articles():
 
 
 def test_answer_types():
-    assert [answer_type(a) for a in ["yes", "No", "teal", "triangle", "3", "a dog"]] == ["yes/no", "yes/no", "color", "shape", "number", "other"]
+    assert [answer_type(a) for a in ["yes", "No", "teal", "triangle", "3", "a dog"]] == [
+        "yes/no",
+        "yes/no",
+        "color",
+        "shape",
+        "number",
+        "other",
+    ]
 
 
 def test_metrics_on_a_hand_built_case():

@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from tests.helpers import draw_shape, losses_fitting_one_batch, open_gates, vlm_batch
 from vlm.chat_template import IGNORE_INDEX, encode_fewshot
 from vlm.data import easyvqa
 from vlm.data.interleaved import pair_records
@@ -13,15 +14,15 @@ from vlm.generation import GenerationConfig, generate, positions
 from vlm.resampler import PerceiverResampler, ResamplerConfig
 from vlm.train.flamingo import freeze_for_flamingo
 from vlm.xattn import MaskedCrossAttention, media_index
-from tests.helpers import draw_shape
-from tests.helpers import losses_fitting_one_batch, open_gates, vlm_batch
 
 RED, BLUE, GREEN = draw_shape("red", "circle"), draw_shape("blue", "rectangle"), draw_shape("green", "circle")
 
 
 @pytest.mark.parametrize("patches", [4, 64, 300])
 def test_resampler_output_shape_does_not_depend_on_patch_count(patches):
-    resampler = PerceiverResampler(dim=32, config=ResamplerConfig(depth=2, heads=2, head_dim=16, num_latents=8, max_frames=3))
+    resampler = PerceiverResampler(
+        dim=32, config=ResamplerConfig(depth=2, heads=2, head_dim=16, num_latents=8, max_frames=3)
+    )
     assert resampler(torch.randn(5, 1, patches, 32)).shape == (5, 8, 32)
     assert resampler(torch.randn(2, 3, patches, 32)).shape == (2, 8, 32)  # three frames per item
 
@@ -33,7 +34,9 @@ def test_resampler_refuses_more_frames_than_it_has_time_embeddings():
 
 def test_gates_at_zero_leave_the_lm_unchanged(tiny_flamingo, tiny_lm_and_tokenizer):
     bare, _ = tiny_lm_and_tokenizer
-    inputs = vlm_batch(tiny_flamingo, [("user", "what? <image>\nand this <image>\ncolor?"), ("assistant", "red")], [RED, BLUE])
+    inputs = vlm_batch(
+        tiny_flamingo, [("user", "what? <image>\nand this <image>\ncolor?"), ("assistant", "red")], [RED, BLUE]
+    )
     with torch.no_grad():
         wrapped = tiny_flamingo(**inputs).logits
         plain = bare(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -103,7 +106,11 @@ def test_generation_with_cached_image_latents_equals_fresh(tiny_flamingo):
 
 def test_kv_cache_and_batching_do_not_change_tokens(tiny_flamingo):
     open_gates(tiny_flamingo)
-    conversations = [[("user", "<image>\ncolor?")], [("user", "<image>\nthen <image>\nsame?")], [("user", "no image here, just words")]]
+    conversations = [
+        [("user", "<image>\ncolor?")],
+        [("user", "<image>\nthen <image>\nsame?")],
+        [("user", "no image here, just words")],
+    ]
     images = [[RED], [BLUE, GREEN], []]
     sequences = [tiny_flamingo.encode(c, generation_prompt=True)[0] for c in conversations]
 
@@ -121,13 +128,19 @@ def test_kv_cache_and_batching_do_not_change_tokens(tiny_flamingo):
 def test_concurrent_calls_on_one_model_each_see_their_own_images(tiny_flamingo):
     """The app and the server call one model from many threads: per-call media must not leak."""
     open_gates(tiny_flamingo)
-    cases = [([RED], "<image>\ncolor?"), ([BLUE, GREEN], "<image>\nthen <image>\nare they the same color?"),
-             ([GREEN], "<image>\nwhat shape is it and which colour is it?"), ([BLUE], "<image>\nshape?")]
+    cases = [
+        ([RED], "<image>\ncolor?"),
+        ([BLUE, GREEN], "<image>\nthen <image>\nare they the same color?"),
+        ([GREEN], "<image>\nwhat shape is it and which colour is it?"),
+        ([BLUE], "<image>\nshape?"),
+    ]
 
     def prefill_logits(case):
         images, text = case
         with torch.inference_mode():
-            prompt = tiny_flamingo.prepare([tiny_flamingo.encode([("user", text)], generation_prompt=True)[0]], [images])
+            prompt = tiny_flamingo.prepare(
+                [tiny_flamingo.encode([("user", text)], generation_prompt=True)[0]], [images]
+            )
             mask = prompt.attention_mask
             return tiny_flamingo.step(prompt.embeds, mask, positions(mask), None, prompt, 0)[0]
 
@@ -152,9 +165,11 @@ def test_fewshot_prompt_format_and_labels(tiny_flamingo):
     encoded = encode_fewshot(tiny_flamingo.tokenizer, [("what color?", "red")], "what shape?")
     text = tiny_flamingo.tokenizer.decode(encoded.ids)
     assert text == "<image>Question: what color? Answer: red<|endofchunk|><image>Question: what shape? Answer:"
-    learnt = [i for i, l in zip(encoded.ids, encoded.labels) if l != IGNORE_INDEX]
+    learnt = [token for token, label in zip(encoded.ids, encoded.labels) if label != IGNORE_INDEX]
     assert tiny_flamingo.tokenizer.decode(learnt) == " red<|endofchunk|>"
-    answers = tiny_flamingo.answer_batch([BLUE], ["what shape?"], examples=[[(RED, "what color?", "red")]], max_new_tokens=4)
+    answers = tiny_flamingo.answer_batch(
+        [BLUE], ["what shape?"], examples=[[(RED, "what color?", "red")]], max_new_tokens=4
+    )
     assert len(answers) == 1
 
 
@@ -195,7 +210,10 @@ def test_pair_recall_follow_ups_name_the_first_images_attribute():
     for record in records:
         first = by_path[record["images"][0]]
         attribute = "color" if "color" in record["conversations"][0]["value"] else "shape"
-        assert [t["value"] for t in record["conversations"][2:]] == [FIRST_IMAGE_QUESTIONS[attribute], getattr(first, attribute)]
+        assert [t["value"] for t in record["conversations"][2:]] == [
+            FIRST_IMAGE_QUESTIONS[attribute],
+            getattr(first, attribute),
+        ]
 
 
 def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
@@ -205,15 +223,27 @@ def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
     clip_dir, lm_dir = pretrained_dirs
     names = sorted(p.name for p in (shapes_dataset.parent / "images").iterdir())
     conversations = [
-        {"id": str(i), "images": [f"images/{a}", f"images/{b}"], "conversations": [
-            {"from": "human", "value": "<image>\n<image>\nsame color?"}, {"from": "gpt", "value": "yes" if a[:3] == b[:3] else "no"}]}
+        {
+            "id": str(i),
+            "images": [f"images/{a}", f"images/{b}"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nsame color?"},
+                {"from": "gpt", "value": "yes" if a[:3] == b[:3] else "no"},
+            ],
+        }
         for i, (a, b) in enumerate(zip(names, reversed(names)))
     ]
     (tmp_path / "c.json").write_text(json.dumps(conversations))
     recipe = {
-        "vision": clip_dir, "lm": lm_dir, "data": str(tmp_path / "c.json"), "max_length": 64,
-        "resampler": {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 4, "max_frames": 1}, "xattn_heads": 2, "xattn_head_dim": 32,
-        "val_fraction": 0.1, "augment": {"formats": 0.5, "hflip": 0.5, "zoom_out": 0.5},
+        "vision": clip_dir,
+        "lm": lm_dir,
+        "data": str(tmp_path / "c.json"),
+        "max_length": 64,
+        "resampler": {"depth": 1, "heads": 2, "head_dim": 32, "num_latents": 4, "max_frames": 1},
+        "xattn_heads": 2,
+        "xattn_head_dim": 32,
+        "val_fraction": 0.1,
+        "augment": {"formats": 0.5, "hflip": 0.5, "zoom_out": 0.5},
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))

@@ -1,7 +1,6 @@
 import pytest
 
-from tests.helpers import draw_shape
-from tests.helpers import greedy_answer, open_gates, prompt_sensitive
+from tests.helpers import draw_shape, greedy_answer, open_gates, prompt_sensitive
 from vlm.chat_template import encode_conversation
 from vlm.generation import GenerationConfig
 

@@ -61,7 +61,9 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_index_build_and_update_name_and_skip_every_hazard(hazards, tmp_path, tiny_clip_dir, capsys):
-    code, out, err = _run(capsys, "index", "build", hazards, "--out", tmp_path / "idx", "--model", tiny_clip_dir, "--workers", 0)
+    code, out, err = _run(
+        capsys, "index", "build", hazards, "--out", tmp_path / "idx", "--model", tiny_clip_dir, "--workers", 0
+    )
     assert code == 0, err
     assert _names_every_hazard(out) and out.count("unreadable: ") == len(HAZARDS)
     assert _indexed_names(tmp_path / "idx") == GOOD_IMAGES
@@ -138,7 +140,10 @@ def test_build_refuses_a_folder_of_the_users_and_deletes_nothing(hazards, tmp_pa
     (out / "notes.txt").write_text("x")
     with pytest.raises(VlmError) as error:
         build_index(hazards, out, model=tiny_clip_dir, workers=0, progress=False)
-    assert str(error.value) == f"{out} is not empty and not an index (holds notes.txt, v1/, v2024_notes/); choose an empty or new --out"
+    assert (
+        str(error.value)
+        == f"{out} is not empty and not an index (holds notes.txt, v1/, v2024_notes/); choose an empty or new --out"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "v1", "v2024_notes"]
     assert (out / "v1" / "thesis.txt").read_text() == "four years"
 
@@ -219,7 +224,9 @@ def test_an_update_paused_while_another_runs_leaves_a_consistent_index(hazards, 
     draw_shape("red", "rectangle").save(hazards / "new.png")
     first = subprocess.Popen(
         [sys.executable, "-m", "vlm.cli", "index", "update", str(index), "--workers", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         while first.poll() is None and not _holds_lock(first.pid, index):
@@ -323,14 +330,18 @@ def embedded(tmp_path_factory, tiny_clip_dir) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    "field, value", [("shard_size", 0), ("shard_size", -1), ("shard_size", "x"), ("dim", "128"), ("count", None), ("kind", "zip")]
+    "field, value",
+    [("shard_size", 0), ("shard_size", -1), ("shard_size", "x"), ("dim", "128"), ("count", None), ("kind", "zip")],
 )
 def test_a_damaged_embeddings_manifest_is_one_line(field, value, embedded, tmp_path, tiny_clip_dir, capsys):
     folder, emb = embedded
     shutil.copytree(emb, tmp_path / "emb")
     data = json.loads((emb / shards.MANIFEST).read_text())
     (tmp_path / "emb" / shards.MANIFEST).write_text(json.dumps({**data, field: value}))
-    for argv in (["index", "build", tmp_path / "emb", "--out", tmp_path / "idx"], ["embed", folder, "--out", tmp_path / "emb", "--model", tiny_clip_dir]):
+    for argv in (
+        ["index", "build", tmp_path / "emb", "--out", tmp_path / "idx"],
+        ["embed", folder, "--out", tmp_path / "emb", "--model", tiny_clip_dir],
+    ):
         code, out, err = _run(capsys, *argv)
         assert code == 2 and field in one_error_line(err), err
 
@@ -346,9 +357,10 @@ def test_a_damaged_shard_is_one_line(embedded, tmp_path, capsys):
 def test_embed_refuses_a_shard_size_below_one(shard_size, tmp_path, tiny_clip_dir):
     folder = draw_good_images(tmp_path / "pictures")
     with pytest.raises(VlmError, match="shard_size"):
-        shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=shard_size, workers=0, progress=False)
+        shards.embed_to_shards(
+            folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=shard_size, workers=0, progress=False
+        )
     assert not (tmp_path / "emb").exists()
-
 
 
 def test_embed_refuses_a_folder_of_the_users_and_a_second_writer(hazards, tmp_path, tiny_clip_dir):
@@ -357,10 +369,14 @@ def test_embed_refuses_a_folder_of_the_users_and_a_second_writer(hazards, tmp_pa
     (mine / "00000.jsonl").write_text("my own file\n")
     with pytest.raises(VlmError, match="not empty and not an embeddings folder"):
         shards.embed_to_shards(hazards, mine, model=tiny_clip_dir, workers=0, progress=False)
-    assert (mine / "00000.jsonl").read_text() == "my own file\n" and sorted(p.name for p in mine.iterdir()) == ["00000.jsonl"]
+    assert (mine / "00000.jsonl").read_text() == "my own file\n" and sorted(p.name for p in mine.iterdir()) == [
+        "00000.jsonl"
+    ]
     emb = tmp_path / "emb"
     emb.mkdir()
     with _held(emb, shards.LOCK):
         with pytest.raises(VlmError, match=f"another vlmstack is writing {emb}"):
             shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False)
-    assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(GOOD_IMAGES)
+    assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(
+        GOOD_IMAGES
+    )

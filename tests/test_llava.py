@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from tests.helpers import draw_shape, losses_fitting_one_batch, prompt_sensitive, vlm_batch
 from vlm.chat_template import IGNORE_INDEX
 from vlm.errors import VlmError
 from vlm.generation import GenerationConfig, generate
@@ -14,8 +15,6 @@ from vlm.projector import build_projector
 from vlm.train.llava import freeze_for_stage
 from vlm.train.vlm_stage import answer_hits
 from vlm.vision import VisionTower
-from tests.helpers import draw_shape
-from tests.helpers import losses_fitting_one_batch, prompt_sensitive, vlm_batch
 
 RED, BLUE = draw_shape("red", "circle"), draw_shape("blue", "rectangle")
 
@@ -48,9 +47,9 @@ def test_labels_cover_only_the_answers(tiny_llava):
     turns = [("user", "<image>\nwhat color?"), ("assistant", "red"), ("user", "shape?"), ("assistant", "circle")]
     ids, labels = tiny_llava.encode(turns)
     tokenizer = tiny_llava.tokenizer
-    learnt = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    learnt = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(learnt) == " red</s> circle</s>"
-    assert all(l == IGNORE_INDEX for i, l in zip(ids, labels) if i == tiny_llava.image_token_id)
+    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == tiny_llava.image_token_id)
 
 
 def test_conversations_start_with_bos_only_for_tokenizers_that_add_it(tiny_lm_and_tokenizer):
@@ -63,7 +62,9 @@ def test_conversations_start_with_bos_only_for_tokenizers_that_add_it(tiny_lm_an
     plain = encode_conversation(ours, turns)
     assert plain.ids[0] != ours.bos_token_id
     llama_like = copy.deepcopy(ours)  # Llama's tokenizers put <s> before every text
-    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", ours.bos_token_id)])
+    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", ours.bos_token_id)]
+    )
     encoded = encode_conversation(llama_like, turns)
     assert encoded.ids == [ours.bos_token_id] + plain.ids
     assert encoded.labels == [IGNORE_INDEX] + plain.labels
@@ -86,14 +87,18 @@ def test_only_the_stages_parameters_get_gradients(tiny_llava, stage, trained):
     freeze_for_stage(tiny_llava, stage)
     batch = vlm_batch(tiny_llava, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED])
     tiny_llava(**batch).loss.backward()
-    with_grad = {name.split(".")[0] for name, p in tiny_llava.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    with_grad = {
+        name.split(".")[0] for name, p in tiny_llava.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
     assert with_grad == trained
 
 
 def _losses_learning_one_answer(model) -> list[float]:
     """Stage-2 losses of 15 steps on one question about RED."""
     freeze_for_stage(model, 2)
-    return losses_fitting_one_batch(model, vlm_batch(model, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED]), lr=3e-3)
+    return losses_fitting_one_batch(
+        model, vlm_batch(model, [("user", "<image>\ncolor?"), ("assistant", "red")], [RED]), lr=3e-3
+    )
 
 
 def test_a_few_steps_lower_the_loss(tiny_llava):
@@ -170,8 +175,15 @@ def test_mixtral_sparse_experts_lm_trains(tiny_clip, tiny_lm_and_tokenizer):
     _, tokenizer = tiny_lm_and_tokenizer
     tokenizer = copy.deepcopy(tokenizer)
     config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
     )
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config)
@@ -211,13 +223,23 @@ def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, pretrained_dirs
 
     clip_dir, lm_dir = pretrained_dirs
     conversations = [
-        {"id": str(i), "image": f"images/{name}", "conversations": [{"from": "human", "value": "<image>\ncolor?"}, {"from": "gpt", "value": name.split("-")[0]}]}
+        {
+            "id": str(i),
+            "image": f"images/{name}",
+            "conversations": [
+                {"from": "human", "value": "<image>\ncolor?"},
+                {"from": "gpt", "value": name.split("-")[0]},
+            ],
+        }
         for i, name in enumerate(sorted(p.name for p in (shapes_dataset.parent / "images").iterdir()))
     ]
     (tmp_path / "conversations.json").write_text(json.dumps(conversations))
     train = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0}
     recipe = {
-        "vision": clip_dir, "lm": lm_dir, "max_length": 128, "val_fraction": 0.1,
+        "vision": clip_dir,
+        "lm": lm_dir,
+        "max_length": 128,
+        "val_fraction": 0.1,
         "stage1": {"data": str(shapes_dataset), "train": train},
         "stage2": {"data": str(tmp_path / "conversations.json"), "train": train},
     }

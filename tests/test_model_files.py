@@ -53,7 +53,10 @@ CLIP_CONFIGS = {
     "negative embed_dim": (lambda c: _with_model_cfg(c, embed_dim=-5), "embed_dim"),
     "zero embed_dim": (lambda c: _with_model_cfg(c, embed_dim=0), "embed_dim"),
     "text embed_dim": (lambda c: _with_model_cfg(c, embed_dim="128"), "embed_dim"),
-    "negative vision width": (lambda c: _with_model_cfg(c, vision_cfg={**c["model_cfg"]["vision_cfg"], "width": -8}), "not a valid clip config"),
+    "negative vision width": (
+        lambda c: _with_model_cfg(c, vision_cfg={**c["model_cfg"]["vision_cfg"], "width": -8}),
+        "not a valid clip config",
+    ),
     "image_mean a number": (lambda c: {**c, "image_mean": 3}, "image_mean"),
     "image_std with a zero": (lambda c: {**c, "image_std": [0.2, 0, 0.2]}, "image_std"),
 }
@@ -107,7 +110,10 @@ LLAVA_CONFIGS = {
     "max_length beyond the lm": (lambda c: {**c, "max_length": 10**6}, "max_length"),
     "unknown projector": (lambda c: {**c, "projector": "bogus"}, "bogus"),
     "projector a number": (lambda c: {**c, "projector": 2}, ""),
-    "lm without model_type": (lambda c: {**c, "lm": {k: v for k, v in c["lm"].items() if k != "model_type"}}, "model_type"),
+    "lm without model_type": (
+        lambda c: {**c, "lm": {k: v for k, v in c["lm"].items() if k != "model_type"}},
+        "model_type",
+    ),
     "lm of an unknown type": (lambda c: {**c, "lm": {**c["lm"], "model_type": "nope"}}, "nope"),
     "lm a string": (lambda c: {**c, "lm": "llama"}, ""),
 }

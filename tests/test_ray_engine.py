@@ -44,8 +44,12 @@ def test_ray_captions_equal_local_captions(local_ray, folder, tmp_path, tiny_lla
 
 def test_ray_index_equals_local_index(local_ray, folder, tmp_path, tiny_clip_dir):
     local = build_index(folder, tmp_path / "local", model=tiny_clip_dir, workers=0, progress=False)
-    remote = build_index(folder, tmp_path / "ray", model=tiny_clip_dir, engine="ray", workers=1, batch_size=4, progress=False)
-    assert (remote.count, remote.files, len(remote.failed)) == (local.count, local.files, len(local.failed)) == (9, 9, 2)
+    remote = build_index(
+        folder, tmp_path / "ray", model=tiny_clip_dir, engine="ray", workers=1, batch_size=4, progress=False
+    )
+    assert (
+        (remote.count, remote.files, len(remote.failed)) == (local.count, local.files, len(local.failed)) == (9, 9, 2)
+    )
     a = store.read_data(tmp_path / "local", store.read_manifest(tmp_path / "local"))
     b = store.read_data(tmp_path / "ray", store.read_manifest(tmp_path / "ray"))
     assert a.files == b.files and a.hashes == b.hashes
@@ -54,9 +58,13 @@ def test_ray_index_equals_local_index(local_ray, folder, tmp_path, tiny_clip_dir
 
 def test_ray_embedding_shards_equal_local_ones(local_ray, folder, tmp_path, tiny_clip_dir):
     for engine in ("local", "ray"):
-        shards.embed_to_shards(folder, tmp_path / engine, model=tiny_clip_dir, shard_size=4, engine=engine, workers=1, progress=False)
+        shards.embed_to_shards(
+            folder, tmp_path / engine, model=tiny_clip_dir, shard_size=4, engine=engine, workers=1, progress=False
+        )
     for name in ("00000", "00001", "00002"):
         assert (tmp_path / "ray" / f"{name}.jsonl").read_text() == (tmp_path / "local" / f"{name}.jsonl").read_text()
-        assert np.allclose(np.load(tmp_path / "ray" / f"{name}.npy"), np.load(tmp_path / "local" / f"{name}.npy"), atol=1e-5)
+        assert np.allclose(
+            np.load(tmp_path / "ray" / f"{name}.npy"), np.load(tmp_path / "local" / f"{name}.npy"), atol=1e-5
+        )
     rows = [json.loads(line) for line in (tmp_path / "ray" / "00002.jsonl").read_text().splitlines()]
     assert [row["path"] for row in rows if "error" in row] == ["empty.png", "notes.jpg"]

@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import Searcher, build_index, update_index
-from retrieval import store
+from retrieval import Searcher, build_index, store, update_index
 from retrieval.query import parse_query
 from retrieval.spec import apply_search_params, auto_spec, build_faiss, tune_search
-from vlm.errors import VlmError
 from tests.helpers import draw_shape
+from vlm.errors import VlmError
 
 
 @pytest.fixture
 def folder(tmp_path):
     root = tmp_path / "pictures"
     (root / "sub").mkdir(parents=True)
-    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]):
+    for i, (color, shape) in enumerate(
+        [("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]
+    ):
         draw_shape(color, shape, offset=i).save(root / ("sub" if i % 2 else ".") / f"{color}-{shape}.png")
     return root
 
@@ -57,7 +58,11 @@ def test_incremental_add_modify_delete_and_duplicates(folder, tmp_path, tiny_cli
     import retrieval.index as index_module
 
     original = index_module.embed_images
-    monkeypatch.setattr(index_module, "embed_images", lambda clip, sources, **kw: embedded.extend(sources) or original(clip, sources, **kw))
+    monkeypatch.setattr(
+        index_module,
+        "embed_images",
+        lambda clip, sources, **kw: embedded.extend(sources) or original(clip, sources, **kw),
+    )
 
     draw_shape("blue", "circle").save(folder / "new.png")  # added
     shutil.copy(folder / "red-circle.png", folder / "copy-of-red.png")  # byte-identical duplicate
@@ -170,7 +175,10 @@ def test_long_and_empty_queries(folder, tmp_path, tiny_clip_dir, caplog):
 
 
 def test_query_grammar():
-    assert [(t.text, t.weight) for t in parse_query("red circle - triangle")] == [("red circle", 1.0), ("triangle", -1.0)]
+    assert [(t.text, t.weight) for t in parse_query("red circle - triangle")] == [
+        ("red circle", 1.0),
+        ("triangle", -1.0),
+    ]
     assert [(t.text, t.weight) for t in parse_query("2:red + circle")] == [("red", 2.0), ("circle", 1.0)]
     assert [t.text for t in parse_query("a t-shirt")] == ["a t-shirt"]
     with pytest.raises(VlmError):
@@ -192,7 +200,9 @@ def test_auto_spec_grows_with_size():
 
 def _clustered(rng, centers: np.ndarray, count: int) -> np.ndarray:
     """`count` unit vectors scattered widely around random cluster centres."""
-    vectors = (centers[rng.integers(0, len(centers), count)] + 0.5 * rng.normal(size=(count, centers.shape[1]))).astype(np.float32)
+    vectors = (centers[rng.integers(0, len(centers), count)] + 0.5 * rng.normal(size=(count, centers.shape[1]))).astype(
+        np.float32
+    )
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 

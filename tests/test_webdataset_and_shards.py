@@ -10,10 +10,10 @@ from apps.caption import caption_folder
 from apps.gradio_app import served_pictures
 from retrieval import Searcher, build_index, shards
 from retrieval import index as index_module
+from tests.helpers import draw_shape
 from vlm.data import sources, webdataset
 from vlm.errors import VlmError
 from vlm.images import load_image
-from tests.helpers import draw_shape
 
 SAMPLES = [("red", "circle"), ("blue", "rectangle"), ("green", "rectangle"), ("red", "rectangle"), ("blue", "circle")]
 
@@ -73,12 +73,18 @@ def test_captioning_webdataset_shards_resumes(tiny_llava, tar_shards, tmp_path):
 
 
 def test_index_from_shards_equals_the_direct_index(folder, tmp_path, tiny_clip_dir):
-    report = shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=3, workers=0, progress=False)
+    report = shards.embed_to_shards(
+        folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=3, workers=0, progress=False
+    )
     assert (report.embedded, report.shards, len(report.failed)) == (8, 3, 1)
     assert sorted(p.name for p in (tmp_path / "emb").glob("*.npy")) == ["00000.npy", "00001.npy", "00002.npy"]
     from_shards = shards.build_index_from_shards(tmp_path / "emb", tmp_path / "a", progress=False)
     direct = build_index(folder, tmp_path / "b", model=tiny_clip_dir, workers=0, progress=False)
-    assert (from_shards.files, from_shards.count, from_shards.duplicates) == (direct.files, direct.count, direct.duplicates) == (8, 7, 1)
+    assert (
+        (from_shards.files, from_shards.count, from_shards.duplicates)
+        == (direct.files, direct.count, direct.duplicates)
+        == (8, 7, 1)
+    )
     a, b = Searcher.open(tmp_path / "a"), Searcher.open(tmp_path / "b")
     for query in ("a red circle", "a blue rectangle"):
         hits_a, hits_b = a.search_text(query, k=8), b.search_text(query, k=8)
@@ -99,12 +105,18 @@ def test_a_crash_mid_embedding_loses_at_most_one_shard(folder, tmp_path, tiny_cl
     with pytest.raises(KeyboardInterrupt):
         shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=3, workers=0, progress=False)
     assert sorted(p.name for p in (tmp_path / "emb").iterdir() if not p.name.startswith(".")) == [
-        "00000.jsonl", "00000.npy", "00001.jsonl", "00001.npy", "embeddings.json"
+        "00000.jsonl",
+        "00000.npy",
+        "00001.jsonl",
+        "00001.npy",
+        "embeddings.json",
     ]
     with pytest.raises(VlmError, match="1 of 3 shards unfinished"):
         shards.build_index_from_shards(tmp_path / "emb", tmp_path / "idx", progress=False)
     monkeypatch.setattr(shards, "embed_images", real)
-    report = shards.embed_to_shards(folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=3, workers=0, progress=False)
+    report = shards.embed_to_shards(
+        folder, tmp_path / "emb", model=tiny_clip_dir, shard_size=3, workers=0, progress=False
+    )
     assert (report.resumed_shards, report.embedded) == (2, 2)
     assert shards.build_index_from_shards(tmp_path / "emb", tmp_path / "idx", progress=False).files == 8
 
@@ -129,7 +141,23 @@ def test_webdataset_embeddings_make_a_searchable_but_not_updatable_index(tar_sha
 def test_cli_embed_then_index_build_then_search(folder, tmp_path, tiny_clip_dir, capsys):
     from vlm.cli import main
 
-    assert main(["embed", str(folder), "--out", str(tmp_path / "emb"), "--model", tiny_clip_dir, "--shard-size", "4", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(folder),
+                "--out",
+                str(tmp_path / "emb"),
+                "--model",
+                tiny_clip_dir,
+                "--shard-size",
+                "4",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "8 embedded into 3 shards (0 done before), 1 unreadable" in capsys.readouterr().out
     assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
     assert "8 files (7 distinct images)" in capsys.readouterr().out
