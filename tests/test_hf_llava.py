@@ -261,3 +261,33 @@ def test_missing_or_unexpected_checkpoint_weights_fail(exported, tmp_path):
         with pytest.raises(VlmError, match="unexpected|missing") as error:
             load_vlm(str(copy_dir))
         assert "\n" not in str(error.value)
+
+
+def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batch(tmp_path):
+    theirs, tokenizer = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
+    with torch.no_grad():  # scaled up so that answers depend on the prompt and the image
+        for name, param in theirs.model.language_model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.mul_(8.0)
+    theirs.save_pretrained(tmp_path)
+    ours = load_vlm(str(tmp_path))
+    pictures = [image.resize((32, 32)) for image in images()]
+    sequences = [ours.encode([("user", f"<image>\n{q}")], generation_prompt=True)[0] for q in QUESTIONS]
+    width = max(map(len, sequences))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])  # (B, T) left padded
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    pixels = torch.stack([ours.transform(picture) for picture in pictures])
+    with torch.no_grad():
+        tokens = theirs.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=list(ours.stop_ids()),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    reference = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens[:, width:]]
+    mine = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
+    assert mine == reference
+    assert len(set(mine)) > 1

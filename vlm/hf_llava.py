@@ -13,6 +13,11 @@ Beside the weights: config.json, generation_config.json (eos, pad), the tokenize
 left padding recorded (batched answers disagree otherwise), the chat template of
 vlm/chat_template.py, and a CLIPImageProcessor doing what our ImageTransform does.
 The key maps are tables read both ways, so a loader of HF checkpoints reuses them.
+
+Preprocessing: `AutoProcessor.from_pretrained(DIR, backend="pil")` gives our pixels exactly for
+square images; transformers 5's default torchvision backend differs by up to one 8-bit level, and
+for non-square images whose resized long side is fractional CLIP truncates where we round, so
+the centre crop can sit one pixel apart (about 45% of random sizes; easy-VQA's are square).
 """
 
 import copy
