@@ -291,3 +291,15 @@ def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batc
     mine = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
     assert mine == reference
     assert len(set(mine)) > 1
+
+
+def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
+    theirs, _ = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
+    theirs.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    assert load_vlm(str(tmp_path)).image_token_count == 16
+    shards[-1].unlink()
+    with pytest.raises(VlmError, match=f"missing shard {shards[-1].name}"):
+        load_vlm(str(tmp_path))
