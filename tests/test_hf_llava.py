@@ -209,6 +209,7 @@ def save_tiny_hf_llava(directory, *, hidden_act: str, feature_layer: int, strate
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, len(tokenizer) + 1]  # as Qwen's: two stops
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
@@ -221,6 +222,7 @@ def test_hf_llava_built_with_transformers_loads_with_its_logits(tmp_path, hidden
         tmp_path, hidden_act=hidden_act, feature_layer=feature_layer, strategy=strategy
     )
     ours = load_vlm(str(tmp_path))
+    assert set(ours.stop_ids()) >= {tokenizer.eos_token_id, *theirs.generation_config.eos_token_id}
     image_tokens = 16 + (strategy == "full")  # (32 / 8)^2 patches, + CLS when kept
     assert ours.image_token_count == image_tokens
     text = tokenizer("USER: what color is the shape?\nASSISTANT:")["input_ids"]

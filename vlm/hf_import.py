@@ -6,8 +6,8 @@ The key tables of vlm/hf_llava.py, read backwards: CLIP's q/k/v are concatenated
 open_clip's in_proj, `vision_feature_layer` (an int) becomes our VisionConfig.layer and the
 select strategy "full" keeps the class token. Both key layouts load: the hub's
 (`vision_tower.vision_model.*`) and the one transformers 5 writes (`vision_tower.*`).
-The checkpoint's tokenizer and image token id are used as shipped; mean/std come from its
-image processor. Every checkpoint tensor must find its place and every weight of ours
+The checkpoint's tokenizer and image token id are used as shipped, its generation_config.json
+eos ids end answers too; mean/std come from its image processor. Every checkpoint tensor must find its place and every weight of ours
 must be given, except open_clip's pooled-embedding projection, which patch features never
 use (set to zeros). What is not supported (SigLIP towers, lists of feature layers, other
 projector activations) is refused in one line.
@@ -237,6 +237,18 @@ def tokenizer_for(hf, directory: Path):
     return tokenizer
 
 
+def stop_token_ids(directory: Path) -> tuple[int, ...]:
+    """The eos token ids of generation_config.json (an int or a list), () without the file."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos or []
+    if not all(isinstance(token, int) for token in eos):
+        raise VlmError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r:.80}")
+    return tuple(eos)
+
+
 def load_hf_llava(directory: str | Path):
     """A Hugging Face LLaVA checkpoint directory as our LlavaModel (float32, eval mode).
 
@@ -258,7 +270,11 @@ def load_hf_llava(directory: str | Path):
     tokenizer = tokenizer_for(hf, directory)
     text = hf.text_config.to_dict()
     config = LlavaConfig(
-        vision=vision, lm=text, projector=projector, max_length=text.get("max_position_embeddings", 2048)
+        vision=vision,
+        lm=text,
+        projector=projector,
+        max_length=text.get("max_position_embeddings", 2048),
+        stop_token_ids=stop_token_ids(directory),
     )
     with hub.config_errors(directory, "llava"):
         model = LlavaModel(config=config, tokenizer=tokenizer)

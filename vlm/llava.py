@@ -36,6 +36,7 @@ class LlavaArchitecture:
 class LlavaConfig(LlavaArchitecture):
     vision: VisionConfig
     lm: dict  # the language model's Hugging Face config
+    stop_token_ids: tuple = ()  # more tokens that end an answer (a Hugging Face checkpoint's generation eos)
     kind: str = field(default="llava", init=False)
     schema_version: int = schema_field()
 
@@ -52,6 +53,10 @@ class LlavaModel(VisionLanguageModel):
     @property
     def image_token_count(self) -> int:
         return self.vision.num_patches
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokenizer's eos, <|endofchunk|> and the config's stop_token_ids."""
+        return (*super().stop_ids(), *self.config.stop_token_ids)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, S, S) -> (M, N, H) projected patch features."""
