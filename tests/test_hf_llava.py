@@ -305,3 +305,17 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     shards[-1].unlink()
     with pytest.raises(VlmError, match=f"missing shard {shards[-1].name}"):
         load_vlm(str(tmp_path))
+
+
+def test_eval_vqa_and_caption_take_a_hf_llava_directory(exported, tmp_path, capsys):
+    from vlm.cli import main
+
+    _, _, _, out = exported
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images()[0].save(folder / "a.png")
+    (tmp_path / "vqa.jsonl").write_text('{"image": "images/a.png", "question": "what color?", "answer": "red"}\n')
+    assert main(["eval", "vqa", "--model", str(out), "--data", str(tmp_path / "vqa.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 1
+    assert main(["caption", str(folder), "--model", str(out), "--out", str(tmp_path / "captions.jsonl")]) == 0
+    assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 1
