@@ -7,9 +7,9 @@ open_clip's in_proj, `vision_feature_layer` (an int) becomes our VisionConfig.la
 select strategy "full" keeps the class token. Both key layouts load: the hub's
 (`vision_tower.vision_model.*`) and the one transformers 5 writes (`vision_tower.*`).
 The checkpoint's tokenizer and image token id are used as shipped, its generation_config.json
-eos ids end answers too; mean/std come from its image processor. Every checkpoint tensor must find its place and every weight of ours
-must be given, except open_clip's pooled-embedding projection, which patch features never
-use (set to zeros). What is not supported (SigLIP towers, lists of feature layers, other
+eos ids end answers too; mean/std come from its image processor. Every checkpoint tensor must
+find its place and every weight of ours must be given, except open_clip's pooled-embedding
+projection, which patch features never use (set to zeros). What is not supported (SigLIP towers, lists of feature layers, other
 projector activations) is refused in one line.
 """
 
