@@ -1,5 +1,6 @@
 # The two commands: `make demo` runs the vlmstack app on the shipped models, `make test`
-# runs the tests. Both create .venv/ first (once; again when pyproject.toml changes).
+# runs the lint and format checks (ruff) and the tests. Both create .venv/ first (once;
+# again when pyproject.toml changes).
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
@@ -20,6 +21,8 @@ $(BIN)/.installed-ray: $(BIN)/.installed
 setup: $(BIN)/.installed
 
 test: $(BIN)/.installed-ray
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 demo: setup
