@@ -48,7 +48,7 @@ from vlm.errors import ImageError, VlmError
 from vlm.hub import WEIGHTS_DIR, model_kind, resolve_dir, shipped_names
 from vlm.images import load_image
 from vlm.lm import IMAGE_TOKEN
-from vlm.load import VQA_KINDS, load_vlm
+from vlm.load import VQA_KINDS, is_vqa_directory, load_vlm
 
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = "10mb"
@@ -80,8 +80,10 @@ def check_vqa_models(specs: list[str]) -> list[str]:
     names = vqa_model_names()
     for spec in specs:
         directory = resolve_dir(spec)
-        if directory is None or model_kind(directory) not in VQA_KINDS:
-            raise VlmError(f"--model {spec}: not a LLaVA or Flamingo model directory")
+        if directory is None or not is_vqa_directory(directory):
+            raise VlmError(
+                f"--model {spec}: not a LLaVA or Flamingo model directory, nor a Hugging Face LLaVA checkpoint"
+            )
         if spec not in names:
             names.append(spec)
     return names

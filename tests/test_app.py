@@ -296,3 +296,13 @@ def test_the_page_renders_in_a_real_browser(app, tmp_path):
     ).stdout
     for text in ("vlmstack", "Search", "Chat", "Caption"):
         assert text in dom
+
+
+def test_the_app_offers_an_exported_hugging_face_llava_given_with_model(tiny_llava, tiny_clip_dir, tmp_path):
+    from apps.gradio_app import check_vqa_models
+    from vlm.hf_llava import export_hf_llava
+
+    exported = export_hf_llava(tiny_llava, tmp_path / "hf")
+    assert check_vqa_models([str(exported)])[-1] == str(exported)
+    with pytest.raises(VlmError, match="not a LLaVA or Flamingo model directory"):
+        check_vqa_models([tiny_clip_dir])
