@@ -3,6 +3,7 @@ same, an unknown version is refused in one line."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,15 @@ def test_an_unknown_model_schema_version_is_refused_naming_it(saved_today):
     (saved_today / "config.json").write_text(json.dumps({**config, "schema_version": 99}))
     with pytest.raises(VlmError, match=r"config.json: schema_version 99 is not one this vlmstack reads"):
         load_vlm(str(saved_today))
+
+
+def test_a_clip_saved_today_carries_the_schema_version_and_a_future_one_is_refused(tiny_clip_dir, tmp_path):
+    from vlm.clip import load_clip
+
+    config = json.loads((Path(tiny_clip_dir) / "config.json").read_text())
+    assert config["schema_version"] == 2
+    future = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, future)
+    (future / "config.json").write_text(json.dumps({**config, "schema_version": 3}))
+    with pytest.raises(VlmError, match="schema_version 3 is not one this vlmstack reads"):
+        load_clip(str(future))

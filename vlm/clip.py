@@ -24,6 +24,7 @@ from torch import nn
 from vlm import hub
 from vlm.errors import VlmError
 from vlm.images import ImageSource, ImageTransform
+from vlm.schema import from_dict, schema_field
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ClipConfig:
     image_std: tuple = OPENAI_STD
     source: str = ""  # where the architecture came from (preset, open_clip name or tag)
     kind: str = field(default="clip", init=False)  # marks the directory as a CLIP model
+    schema_version: int = schema_field()
 
     def __post_init__(self):
         """Refuse values no CLIP can be built from (ValueError naming the field); the
@@ -53,10 +55,6 @@ class ClipConfig:
             raise ValueError(f"model_cfg.embed_dim must be a whole number of at least 1, not {cfg.get('embed_dim')!r}")
         self.image_mean = _per_channel("image_mean", self.image_mean, positive=False)
         self.image_std = _per_channel("image_std", self.image_std, positive=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ClipConfig":
-        return cls(**{k: v for k, v in data.items() if k != "kind"})
 
 
 def _per_channel(name: str, value, *, positive: bool) -> tuple:
@@ -200,7 +198,7 @@ def load_clip(spec: str) -> Clip:
         if config.get("kind") != "clip":
             raise VlmError(f"{spec}: not a CLIP model directory (kind={config.get('kind')!r})")
         with hub.config_errors(directory, "clip"):
-            clip = Clip(config=ClipConfig.from_dict(config))
+            clip = Clip(config=from_dict(ClipConfig, config, str(directory / hub.CONFIG_FILE)))
         hub.load_module(directory, clip.model)
         clip.fingerprint = hub.file_fingerprint(directory / hub.WEIGHTS_FILE)
     return clip.eval()
