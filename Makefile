@@ -13,9 +13,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The tests also cover the Ray engine: the `ray` extra, installed once.
+# The tests also cover the Ray engine: the `ray` extra, installed once. open-flamingo is the
+# reference of `vlmstack import openflamingo`; its wheel pins torch 2.0.1, hence --no-deps.
 $(BIN)/.installed-ray: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test,ray]'
+	$(BIN)/pip install --quiet --no-deps open-flamingo einops einops-exts
 	touch $@
 
 setup: $(BIN)/.installed

@@ -188,6 +188,20 @@ def _export(args) -> None:
     print(export_model(args.model, args.out))
 
 
+def _import(args) -> None:
+    from vlm.openflamingo_import import PROMPT_FORMAT, import_openflamingo
+
+    out = import_openflamingo(
+        checkpoint=args.checkpoint,
+        vision=args.vision,
+        lm=args.lm,
+        cross_attn_every=args.cross_attn_every,
+        out=args.out,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"{out} (prompt it as OpenFlamingo was: {PROMPT_FORMAT})")
+
+
 def _ship(args) -> None:
     from vlm.ship import ship
 
@@ -337,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["hf-llava"], help="hf-llava: LlavaForConditionalGeneration")
     export.add_argument("--out", required=True, help="new directory to write")
     export.set_defaults(run=_export)
+
+    imports = commands.add_parser("import", help="write a model trained elsewhere as a vlmstack model directory")
+    sources = imports.add_subparsers(dest="action", required=True, metavar="SOURCE")
+    flamingo = sources.add_parser("openflamingo", help="an OpenFlamingo checkpoint.pt with its CLIP and LM")
+    flamingo.add_argument("--checkpoint", required=True, help="OpenFlamingo's checkpoint.pt (read as tensors only)")
+    flamingo.add_argument("--vision", required=True, help="its CLIP, e.g. open_clip:ViT-L-14@/path/to/weights")
+    flamingo.add_argument("--lm", required=True, help="its language model: Hugging Face directory or hub id")
+    flamingo.add_argument("--cross-attn-every", type=whole(1), required=True, help="its cross_attn_every_n_layers")
+    flamingo.add_argument("--out", required=True, help="model directory to write")
+    flamingo.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the LM run Python code it ships (MPT); that code runs with your permissions",
+    )
+    imports.set_defaults(run=_import)
 
     ship = commands.add_parser(
         "ship", help="developers: put a trained model inside the package as a shipped name (fp16)"

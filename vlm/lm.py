@@ -89,8 +89,9 @@ def lm_from_config(config: dict) -> nn.Module:
     )
 
 
-def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+def load_lm(spec: str, *, trust_remote_code: bool = False) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     """(model, tokenizer) from a shipped name, a Hugging Face model directory, or a hub id.
+    `trust_remote_code` runs Python code the checkpoint ships (e.g. MPT): only for trusted sources.
 
     Raises:
         VlmError: not found, or not loadable from safetensors.
@@ -98,9 +99,13 @@ def load_lm(spec: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     directory = hub.resolve_dir(spec)
     source = str(directory) if directory else spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa"
+            source,
+            use_safetensors=True,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as e:
         names = ", ".join(hub.shipped_names()) or "none"

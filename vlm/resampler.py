@@ -4,7 +4,8 @@ a fixed number of latent tokens out.
 Learned latents (R, D) attend, layer after layer, to the concatenation of the media's
 features and themselves (q = latents, kv = [features; latents]), each attention followed
 by a feed-forward. A media item may have several frames; a learned time embedding per
-frame is added before the frames' patches are pooled together.
+frame is added before the frames' patches are pooled together (unless `time_embeddings`
+is off, as in OpenFlamingo's released models).
 """
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ class ResamplerConfig:
     head_dim: int = 64
     num_latents: int = 16  # tokens out per media item, whatever the patches in
     max_frames: int = 4  # frames per media item (time embeddings)
+    time_embeddings: bool = True  # learned per-frame embeddings; False: none, any frame count (OpenFlamingo)
     ff_mult: int = 4  # feed-forward width, times the feature width
 
 
@@ -54,7 +56,9 @@ class PerceiverResampler(nn.Module):
     def __init__(self, *, dim: int, config: ResamplerConfig):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * dim**-0.5)
-        self.frame_embeddings = nn.Parameter(torch.zeros(config.max_frames, dim))  # time embeddings
+        self.frame_embeddings = (
+            nn.Parameter(torch.zeros(config.max_frames, dim)) if config.time_embeddings else None
+        )  # (max_frames, D) time embeddings
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -69,11 +73,13 @@ class PerceiverResampler(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, N, D) features of B media items with F frames of N patches -> (B, R, D)."""
         batch, frames = features.shape[:2]
-        if frames > self.frame_embeddings.shape[0]:
-            raise ValueError(
-                f"{frames} frames per media item; this resampler takes at most {self.frame_embeddings.shape[0]}"
-            )
-        media = (features + self.frame_embeddings[:frames, None]).flatten(1, 2)  # (B, F*N, D)
+        if self.frame_embeddings is not None:
+            if frames > self.frame_embeddings.shape[0]:
+                raise ValueError(
+                    f"{frames} frames per media item; this resampler takes at most {self.frame_embeddings.shape[0]}"
+                )
+            features = features + self.frame_embeddings[:frames, None]
+        media = features.flatten(1, 2)  # (B, F*N, D)
         latents = self.latents.expand(batch, -1, -1)
         for attention, ff in self.layers:
             latents = attention(media, latents) + latents

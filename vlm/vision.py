@@ -3,6 +3,8 @@
 LLaVA-1.5 reads the patch tokens of the penultimate transformer layer (the last one is
 shaped for CLIP's pooled embedding, not for describing regions); `layer` picks any other.
 The class token is dropped unless `keep_cls` (Hugging Face LLaVA's select strategy "full").
+The tokens are read as the block leaves them unless `ln_post`: open_clip >= 2.23 applies
+its final layer norm to all output tokens, OpenFlamingo (open_clip 2.16) does not.
 The tower is frozen by the training recipes, not here.
 """
 
@@ -23,6 +25,7 @@ class VisionConfig:
     clip: ClipConfig  # the CLIP whose image tower gives the patch features
     layer: int = -2  # transformer block whose patch tokens are read (-2: the penultimate)
     keep_cls: bool = False  # the class token comes first in the features (HF LLaVA's "full" strategy)
+    ln_post: bool = False  # apply the ViT's final layer norm (ln_post) to the tokens read
 
 
 class VisionTower(nn.Module):
@@ -67,7 +70,8 @@ class VisionTower(nn.Module):
         return ImageTransform(size, tuple(self.config.clip.image_mean), tuple(self.config.clip.image_std))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, num_patches, width) tokens of the chosen layer ([CLS] first if kept)."""
+        """(B, 3, S, S) -> (B, num_patches, width) tokens of the chosen layer ([CLS] first if
+        kept), through ln_post if the config says so."""
         out = self.visual.forward_intermediates(
             pixels,
             indices=[self.layer_index],
@@ -76,7 +80,7 @@ class VisionTower(nn.Module):
             intermediates_only=True,
             output_extra_tokens=self.config.keep_cls,
         )
-        patches = out["image_intermediates"][0]  # (B, P, W)
-        if not self.config.keep_cls:
-            return patches
-        return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)  # (B, 1 + P, W)
+        tokens = out["image_intermediates"][0]  # (B, P, W)
+        if self.config.keep_cls:
+            tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)  # (B, 1 + P, W)
+        return self.visual.ln_post(tokens) if self.config.ln_post else tokens

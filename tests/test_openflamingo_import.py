@@ -1,0 +1,200 @@
+"""`vlmstack import openflamingo` against the reference: a tiny OpenFlamingo built with the
+open_flamingo package, saved as OpenFlamingo saves checkpoint.pt, imported by our command,
+gives the same logits on the same interleaved inputs."""
+
+import json
+
+import pytest
+import torch
+
+from vlm.cli import main
+from vlm.flamingo import FlamingoModel
+
+ARCH = "clip-tiny"  # vlm/configs/clip-tiny.json, registered with open_clip for the reference
+
+
+def plain_tokenizer(tmp_path):
+    """A BPE tokenizer with <pad>, <s>, </s> and no media tokens, so the import must add
+    <|endofchunk|> and <image> in OpenFlamingo's order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["Question: what color is the shape? Short answer: red"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(directory with clip.pt, lm/, checkpoint.pt; the reference Flamingo in eval mode)."""
+    pytest.importorskip("open_flamingo")
+    import open_clip
+    from open_flamingo import create_model_and_transforms
+
+    from vlm.clip import PRESETS_DIR
+    from vlm.lm import TinyLmConfig, build_tiny_lm
+
+    tmp = tmp_path_factory.mktemp("openflamingo")
+    (tmp / "configs").mkdir()
+    preset = json.loads((PRESETS_DIR / f"{ARCH}.json").read_text())
+    (tmp / "configs" / f"{ARCH}.json").write_text(json.dumps(preset["model_cfg"]))
+    open_clip.add_model_config(tmp / "configs")
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model(ARCH)
+    with torch.no_grad():  # a trained ln_post's affine; at 1 and 0 the resampler's own norm would hide it
+        clip.visual.ln_post.weight.normal_()
+        clip.visual.ln_post.bias.normal_()
+    torch.save(clip.state_dict(), tmp / "clip.pt")
+    tokenizer = plain_tokenizer(tmp)
+    lm = build_tiny_lm(TinyLmConfig(hidden_size=64, layers=4, heads=2, kv_heads=1, intermediate_size=128), tokenizer)
+    lm.save_pretrained(tmp / "lm")
+    tokenizer.save_pretrained(tmp / "lm")
+
+    model, _, _ = create_model_and_transforms(
+        clip_vision_encoder_path=ARCH,
+        clip_vision_encoder_pretrained=None,
+        lang_encoder_path=str(tmp / "lm"),
+        tokenizer_path=str(tmp / "lm"),
+        cross_attn_every_n_layers=2,
+        use_local_files=True,
+    )
+    model.vision_encoder.load_state_dict(clip.visual.state_dict())
+    # OpenFlamingo ran on open_clip 2.16, whose token output had no ln_post; open_clip 3.x adds it.
+    model.vision_encoder.ln_post = torch.nn.Identity()
+    with torch.no_grad():  # trained-looking gates and new token rows, not the zero / random init
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.7)
+        model.lang_encoder.get_input_embeddings().weight[-2:] = torch.randn(2, 64)
+    torch.save(openflamingo_checkpoint(model), tmp / "checkpoint.pt")
+    return tmp, model.eval()
+
+
+def openflamingo_checkpoint(model) -> dict:
+    """The trainable parameters, named as open_flamingo's training script saves them (the
+    blocks under the decoder layers, not their duplicate names; no vision encoder; a tied
+    lm_head only under its embedding's name)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    duplicates = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers", "vision_encoder")
+    return {k: v for k, v in model.state_dict().items() if k in trainable and not k.startswith(duplicates)}
+
+
+def error_lines(err: str) -> list[str]:
+    """What the CLI reported (progress bars from transformers left out); no traceback."""
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("vlmstack: error:")]
+
+
+def run_import(tmp, every: str, *extra) -> int:
+    return main(
+        [
+            "import",
+            "openflamingo",
+            "--checkpoint",
+            str(tmp / "checkpoint.pt"),
+            "--vision",
+            f"open_clip:{ARCH}@{tmp / 'clip.pt'}",
+            "--lm",
+            str(tmp / "lm"),
+            "--cross-attn-every",
+            every,
+            *extra,
+        ]
+    )
+
+
+def test_imported_openflamingo_matches_reference_logits(reference, tmp_path):
+    tmp, ref = reference
+    assert run_import(tmp, "2", "--out", str(tmp_path / "model")) == 0
+    ours = FlamingoModel.load(tmp_path / "model")
+    tokenizer = ours.tokenizer
+    new_ids = tokenizer.convert_tokens_to_ids(["<|endofchunk|>", "<image>"])
+    assert new_ids == [ref.eoc_token_id, ref.media_token_id] == [len(tokenizer) - 2, len(tokenizer) - 1]
+
+    text = "hello<image>Question:what color is the shape? Short answer: red<|endofchunk|><image>Question:and this?"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])  # (1, T), two images
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(vision_x=pixels[None, :, None], lang_x=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask, pixels=pixels).logits
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    print(f"max abs logit diff vs open_flamingo: {diff:.2e}")
+    assert diff <= 1e-4
+    assert ours.config.resampler.time_embeddings is False and ours.config.vision.ln_post is False
+
+
+def test_checkpoint_of_another_cross_attn_spacing_fails_in_one_line(reference, tmp_path, capsys):
+    tmp, _ = reference
+    code = run_import(tmp, "1", "--out", str(tmp_path / "model"))
+    errors = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1
+    assert "missing and 0 unexpected keys" in errors[0] and "--cross-attn-every" in errors[0]
+    assert not (tmp_path / "model").exists()
+
+
+def test_lm_with_remote_code_is_refused_without_the_flag(tmp_path, capsys):
+    lm = tmp_path / "mpt"
+    lm.mkdir()
+    (lm / "config.json").write_text(
+        json.dumps({"model_type": "mpt", "auto_map": {"AutoConfig": "configuration_mpt.X"}})
+    )
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    code = main(
+        [
+            "import",
+            "openflamingo",
+            "--checkpoint",
+            str(tmp_path / "checkpoint.pt"),
+            "--vision",
+            "open_clip:clip-tiny@x.pt",
+            "--lm",
+            str(lm),
+            "--cross-attn-every",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    errors = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and "--trust-remote-code" in errors[0]
+
+
+def test_checkpoint_is_read_as_tensors_only(tmp_path):
+    from vlm.errors import VlmError
+    from vlm.openflamingo_import import read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"perceiver.latents": torch.zeros(1), "note": object()}, path)
+    with pytest.raises(VlmError, match="not a plain tensor checkpoint"):
+        read_checkpoint(path)
+
+
+def test_resampler_without_time_embeddings_has_no_frame_parameter_and_takes_any_frame_count():
+    from vlm.resampler import PerceiverResampler, ResamplerConfig
+
+    config = ResamplerConfig(depth=1, heads=2, head_dim=8, num_latents=4, max_frames=1, time_embeddings=False)
+    resampler = PerceiverResampler(dim=16, config=config)
+    assert not any("frame" in name for name in resampler.state_dict())
+    assert resampler(torch.randn(2, 3, 5, 16)).shape == (2, 4, 16)  # (B, F, N, D) -> (B, R, D), F > max_frames
+
+
+def test_vision_ln_post_option_normalises_the_tokens_read(tiny_clip):
+    from vlm.vision import VisionConfig, VisionTower
+
+    plain = VisionTower(config=VisionConfig(clip=tiny_clip.config, layer=-1))
+    normed = VisionTower(config=VisionConfig(clip=tiny_clip.config, layer=-1, ln_post=True))
+    normed.load_state_dict(plain.state_dict())
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(normed(pixels), plain.visual.ln_post(plain(pixels)), atol=1e-6)
