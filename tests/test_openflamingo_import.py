@@ -74,7 +74,8 @@ def reference(tmp_path_factory):
         for name, param in model.named_parameters():
             if name.endswith("_gate"):
                 param.fill_(0.7)
-        model.lang_encoder.get_input_embeddings().weight[-2:] = torch.randn(2, 64)
+        embeddings = model.lang_encoder.get_input_embeddings().weight
+        embeddings[-2:] = torch.randn(2, 64) * embeddings[:-2].std()
     torch.save(openflamingo_checkpoint(model), tmp / "checkpoint.pt")
     return tmp, model.eval()
 
@@ -132,6 +133,59 @@ def test_imported_openflamingo_matches_reference_logits(reference, tmp_path):
     print(f"max abs logit diff vs open_flamingo: {diff:.2e}")
     assert diff <= 1e-4
     assert ours.config.resampler.time_embeddings is False and ours.config.vision.ln_post is False
+
+
+def test_imported_openflamingo_matches_reference_on_a_left_padded_batch(reference, tmp_path):
+    from vlm.generation import left_pad
+
+    tmp, ref = reference
+    assert run_import(tmp, "2", "--out", str(tmp_path / "model")) == 0
+    ours = FlamingoModel.load(tmp_path / "model")
+    texts = [
+        "<image>Question:what color? Short answer: red<|endofchunk|><image>Question:and this? Short answer:",
+        "<image>Question:what shape? Short answer:",
+    ]
+    ids, mask = left_pad([ours.tokenizer(t)["input_ids"] for t in texts], ours.tokenizer.pad_token_id)  # (2, T)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))  # reading order: 2 + 1
+    vision_x = torch.stack([pixels[:2], torch.stack([pixels[2], torch.zeros_like(pixels[2])])])  # (B, T_img, C, H, W)
+    with torch.no_grad():
+        expected = ref(vision_x=vision_x[:, :, None], lang_x=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask, pixels=pixels).logits
+    real = mask.bool()  # padding positions are nobody's output
+    assert (got[real] - expected[real]).abs().max().item() <= 1e-4
+
+
+def test_cached_decode_after_two_images_matches_reference_logits(reference, tmp_path):
+    """Our generation path (prompt pass, then one token at a time with the KV cache, each
+    new token following the last image) against the reference's full passes."""
+    from PIL import Image
+
+    from vlm.generation import positions
+
+    tmp, ref = reference
+    assert run_import(tmp, "2", "--out", str(tmp_path / "model")) == 0
+    ours = FlamingoModel.load(tmp_path / "model")
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    prompt_ids = ours.tokenizer("<image>Question:what color? Short answer: red<|endofchunk|><image>Question:and")[
+        "input_ids"
+    ]
+    continuation = ours.tokenizer(" this? Short answer: red")["input_ids"]
+    pixels = torch.stack([ours.transform(image) for image in images])  # (2, 3, 64, 64)
+    all_ids = torch.tensor([prompt_ids + continuation])  # (1, T)
+    with torch.no_grad():
+        expected = ref(vision_x=pixels[None, :, None], lang_x=all_ids, attention_mask=torch.ones_like(all_ids)).logits
+        prompt = ours.prepare([prompt_ids], [images])
+        mask = prompt.attention_mask
+        logits, cache = ours.step(prompt.embeds, mask, positions(mask), None, prompt, 0)
+        got = [logits]
+        for token in continuation[:-1]:
+            start = mask.shape[1]
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+            embeds = ours.token_embeddings(torch.tensor([[token]]))  # (1, 1, H)
+            logits, cache = ours.step(embeds, mask, positions(mask)[:, -1:], cache, prompt, start)
+            got.append(logits)
+    got = torch.cat(got, dim=1)  # (1, T - 1, V): every position but the last's successor
+    assert (got - expected[:, : got.shape[1]]).abs().max().item() <= 1e-4
 
 
 def test_checkpoint_of_another_cross_attn_spacing_fails_in_one_line(reference, tmp_path, capsys):
