@@ -47,8 +47,7 @@ class Searcher:
         Raises:
             VlmError: missing or corrupt index, or `model` differs from the index's model.
         """
-        manifest = store.read_manifest(index_dir)
-        index = store.read_faiss(index_dir, manifest)
+        manifest, index, meta = _read_current_version(Path(index_dir))
         apply_search_params(index, manifest.search_params)
         clip = load_clip(model or manifest.model)
         if clip.fingerprint != manifest.model_fingerprint:
@@ -61,7 +60,7 @@ class Searcher:
             index_dir=Path(index_dir),
             manifest=manifest,
             index=index,
-            meta=store.connect_meta(index_dir, manifest),
+            meta=meta,
             clip=clip,
         )
 
@@ -130,6 +129,19 @@ class Searcher:
 
     def close(self) -> None:
         self._meta.close()
+
+
+def _read_current_version(index_dir: Path, *, attempts: int = 3):
+    """(manifest, FAISS index, metadata connection) of one version. Readers take no lock: an
+    update that commits while this reads deletes the version being read, so a failure is
+    retried with the new manifest; it is raised when the manifest did not change."""
+    for attempt in range(attempts):
+        manifest = store.read_manifest(index_dir)
+        try:
+            return manifest, store.read_faiss(index_dir, manifest), store.connect_meta(index_dir, manifest)
+        except VlmError:
+            if attempt == attempts - 1 or store.read_manifest(index_dir).version == manifest.version:
+                raise
 
 
 def _normalise(vector: np.ndarray) -> np.ndarray:

@@ -380,3 +380,20 @@ def test_embed_refuses_a_folder_of_the_users_and_a_second_writer(hazards, tmp_pa
     assert shards.embed_to_shards(hazards, emb, model=tiny_clip_dir, workers=0, progress=False).embedded == len(
         GOOD_IMAGES
     )
+
+
+def test_a_search_opened_while_an_update_commits_reads_the_new_version(hazards, tmp_path, tiny_clip_dir, monkeypatch):
+    index = tmp_path / "idx"
+    build_index(hazards, index, model=tiny_clip_dir, workers=0, progress=False)
+    draw_shape("green", "rectangle", offset=5).save(hazards / "new.png")
+    read_faiss, calls = store.read_faiss, []
+
+    def update_then_read(index_dir, manifest):  # the update commits, and deletes this version, mid-open
+        calls.append(manifest.version)
+        if len(calls) == 1:
+            update_index(index, workers=0, progress=False)
+        return read_faiss(index_dir, manifest)
+
+    monkeypatch.setattr(store, "read_faiss", update_then_read)
+    searcher = Searcher.open(index)
+    assert calls == [1, 2] and searcher.count == len(GOOD_IMAGES) + 1
