@@ -179,9 +179,22 @@ def tiny_tokenizer():
     )
 
 
-def save_tiny_hf_llava(directory, *, hidden_act: str, feature_layer: int, strategy: str):
-    """A random LlavaForConditionalGeneration shaped like llava-1.5 (CLIP + Llama), saved by transformers."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+def text_config(family: str, **sizes):
+    """A tiny LM config of one of the families the LLaVA checkpoints use: Llama (llava-1.5),
+    Qwen2 (llava-interleave: q/k/v biases, tied embeddings), Mistral (bakLLaVA)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if family == "qwen2":
+        return Qwen2Config(**sizes, tie_word_embeddings=True)
+    if family == "mistral":
+        return MistralConfig(**sizes, sliding_window=None)
+    return LlamaConfig(**sizes)
+
+
+def save_tiny_hf_llava(directory, *, hidden_act: str, feature_layer: int, strategy: str, family: str = "llama"):
+    """A random LlavaForConditionalGeneration shaped like llava-1.5 (CLIP + Llama) or with another LM
+    family, saved by transformers."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig
 
     tokenizer = tiny_tokenizer()
     widths = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
@@ -193,7 +206,8 @@ def save_tiny_hf_llava(directory, *, hidden_act: str, feature_layer: int, strate
         hidden_act=hidden_act,
         projection_dim=32,
     )
-    text = LlamaConfig(
+    text = text_config(
+        family,
         **widths,
         num_hidden_layers=2,
         num_key_value_heads=1,
@@ -293,6 +307,54 @@ def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batc
     mine = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
     assert mine == reference
     assert len(set(mine)) > 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_hf_llava_with_another_lm_family_loads_with_its_logits_and_greedy_answers(tmp_path, family):
+    """llava-interleave's LM family (Qwen2; a CLIP tower here, as SigLIP is not supported) and
+    bakLLaVA's (Mistral), each with a CLIP quick_gelu tower: the loaded model computes
+    transformers' logits and answers as transformers' generate on a left-padded batch."""
+    theirs, tokenizer = save_tiny_hf_llava(
+        tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default", family=family
+    )
+    assert theirs.config.text_config.model_type == family
+    with torch.no_grad():  # scaled up so that answers depend on the prompt and the image
+        for name, param in theirs.model.language_model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.mul_(8.0)
+            elif name.endswith("proj.bias"):  # Qwen2's q/k/v biases, zero at init: made to matter
+                param.normal_(0.0, 0.5)
+    biases = [n for n, _ in theirs.model.language_model.named_parameters() if n.endswith("proj.bias")]
+    assert bool(biases) == (family == "qwen2")
+    theirs.save_pretrained(tmp_path)
+    ours = load_vlm(str(tmp_path))
+    pictures = [image.resize((32, 32)) for image in images()]
+    sequences = [ours.encode([("user", f"<image>\n{q}")], generation_prompt=True)[0] for q in QUESTIONS]
+    width = max(map(len, sequences))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])  # (B, T) left padded
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    assert (mask == 0).any()
+    pixels = torch.stack([ours.transform(picture) for picture in pictures])
+    with torch.no_grad():
+        mine = ours(input_ids=ids, attention_mask=mask, pixels=pixels).logits
+        reference = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        tokens = theirs.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=list(ours.stop_ids()),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    diff = (mine - reference)[mask.bool()].abs().max().item()
+    print(f"{family}: max abs logit diff vs transformers: {diff:.2e}")
+    assert diff <= 1e-4
+    expected = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens[:, width:]]
+    answers = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
+    print(f"{family}: answers {answers}")
+    assert answers == expected
+    assert len(set(answers)) > 1
 
 
 def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):

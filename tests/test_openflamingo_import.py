@@ -37,6 +37,17 @@ def reference(request, tmp_path_factory):
     """(directory with clip.pt, lm/, checkpoint.pt; the reference Flamingo in eval mode), for
     an LM whose output embeddings are its input embeddings (as MPT) and one with its own
     lm_head (as RedPajama-INCITE)."""
+    return build_reference(tmp_path_factory.mktemp("openflamingo"), untied=request.param == "untied")
+
+
+@pytest.fixture(scope="module")
+def sensitive_reference(tmp_path_factory):
+    """As `reference` (tied), with the LM's weight matrices scaled up so that its random greedy
+    answers depend on the whole prompt and its images, not on the last token alone."""
+    return build_reference(tmp_path_factory.mktemp("openflamingo-sensitive"), untied=False, lm_scale=8.0)
+
+
+def build_reference(tmp, *, untied: bool, lm_scale: float = 1.0):
     pytest.importorskip("open_flamingo")
     import open_clip
     from open_flamingo import create_model_and_transforms
@@ -44,7 +55,6 @@ def reference(request, tmp_path_factory):
     from vlm.clip import PRESETS_DIR
     from vlm.lm import TinyLmConfig, build_tiny_lm
 
-    tmp = tmp_path_factory.mktemp("openflamingo")
     (tmp / "configs").mkdir()
     preset = json.loads((PRESETS_DIR / f"{ARCH}.json").read_text())
     (tmp / "configs" / f"{ARCH}.json").write_text(json.dumps(preset["model_cfg"]))
@@ -58,9 +68,13 @@ def reference(request, tmp_path_factory):
     torch.save(clip.state_dict(), tmp / "clip.pt")
     tokenizer = plain_tokenizer(tmp)
     lm = build_tiny_lm(TinyLmConfig(hidden_size=64, layers=4, heads=2, kv_heads=1, intermediate_size=128), tokenizer)
-    if request.param == "untied":
+    if untied:
         lm.config.tie_word_embeddings = False
         lm.lm_head.weight = torch.nn.Parameter(torch.randn_like(lm.lm_head.weight) * 0.02)
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if param.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                param.mul_(lm_scale)
     lm.save_pretrained(tmp / "lm")
     tokenizer.save_pretrained(tmp / "lm")
 
@@ -265,3 +279,91 @@ def test_vision_ln_post_option_normalises_the_tokens_read(tiny_clip):
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(normed(pixels), plain.visual.ln_post(plain(pixels)), atol=1e-6)
+
+
+QA = [
+    ("what color is the shape?", "red"),
+    ("what shape?", "circle"),
+    ("is it red?", "yes"),
+    ("color?", "blue"),
+    ("what is in the picture?", "a square"),
+]
+
+
+def shape_image(index: int):
+    from PIL import Image, ImageDraw
+
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "black"]
+    image = Image.new("RGB", (64, 64), (250, 245, 240))
+    box = (8 + index % 5 * 3, 8 + index % 3 * 4, 40 + index % 4 * 5, 44 + index % 2 * 8)
+    (ImageDraw.Draw(image).ellipse if index % 2 else ImageDraw.Draw(image).rectangle)(
+        box, fill=colours[index % len(colours)]
+    )
+    return image
+
+
+def hundred_prompts() -> list[tuple[str, list]]:
+    """100 OpenFlamingo prompts: one image and a question, or (every third) a worked example
+    on a first image, then the question on a second."""
+    prompts = []
+    for i in range(100):
+        question = QA[i % len(QA)][0]
+        if i % 3 == 2:
+            shot_q, shot_a = QA[(i + 2) % len(QA)]
+            text = (
+                f"<image>Question:{shot_q} Short answer:{shot_a}<|endofchunk|><image>Question:{question} Short answer:"
+            )
+            prompts.append((text, [shape_image(i + 1), shape_image(i)]))
+        else:
+            prompts.append((f"<image>Question:{question} Short answer:", [shape_image(i)]))
+    return prompts
+
+
+def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def test_greedy_answers_equal_the_reference_on_100_prompts_batched_and_left_padded(sensitive_reference, tmp_path):
+    """Our batched, left-padded, KV-cached greedy decode against open_flamingo's forward run
+    greedily on each prompt alone (no padding, the whole sequence recomputed each step)."""
+    from vlm.generation import GenerationConfig, generate
+
+    tmp, ref = sensitive_reference
+    assert run_import(tmp, "2", "--out", str(tmp_path / "model")) == 0
+    ours = FlamingoModel.load(tmp_path / "model")
+    new_tokens = 4
+    prompts = hundred_prompts()
+    sequences = [ours.tokenizer(text)["input_ids"] for text, _ in prompts]
+    stops = set(ours.stop_ids())
+
+    mine = []
+    for start in range(0, len(prompts), 25):  # batches of 25, mixing one- and two-image rows
+        rows = slice(start, start + 25)
+        prompt = ours.prepare(sequences[rows], [images for _, images in prompts[rows]])
+        assert (prompt.attention_mask == 0).any()  # left padded
+        config = GenerationConfig(max_new_tokens=new_tokens)
+        steps = list(generate(ours, prompt, stop_ids=tuple(stops), pad_id=ours.tokenizer.pad_token_id, config=config))
+        mine += [until_stop(row, stops) for row in torch.stack(steps, dim=1).tolist()]
+
+    expected = []
+    with torch.no_grad():
+        for ids, (_, images) in zip(sequences, prompts):
+            vision_x = torch.stack([ours.transform(image) for image in images])[None, :, None]  # (1, T_img, 1, C, H, W)
+            new: list[int] = []
+            for _ in range(new_tokens):
+                lang_x = torch.tensor([ids + new])
+                logits = ref(vision_x=vision_x, lang_x=lang_x, attention_mask=torch.ones_like(lang_x)).logits
+                new.append(int(logits[0, -1].argmax()))
+                if new[-1] in stops:
+                    break
+            expected.append(new)
+
+    agree = sum(m == e for m, e in zip(mine, expected))
+    print(f"identical greedy answers: {agree} of {len(prompts)}; distinct: {len({tuple(e) for e in expected})}")
+    assert mine == expected
+    assert len({tuple(e) for e in expected}) > 10  # not one answer for every prompt
+    two_image = [e for e, (text, _) in zip(expected, prompts) if text.count("<image>") == 2]
+    assert len({tuple(e) for e in two_image}) > 1
