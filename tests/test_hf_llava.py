@@ -381,3 +381,19 @@ def test_eval_vqa_and_caption_take_a_hf_llava_directory(exported, tmp_path, caps
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 1
     assert main(["caption", str(folder), "--model", str(out), "--out", str(tmp_path / "captions.jsonl")]) == 0
     assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_checkpoint_needing_more_memory_than_is_free_is_refused_before_loading(tmp_path, monkeypatch):
+    from vlm import hub
+    from vlm.hf_import import loading_bytes
+
+    theirs, _ = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
+    parameters = sum(p.numel() for p in theirs.state_dict().values())
+    need = loading_bytes(tmp_path)
+    assert need == parameters * (4 + 4)  # saved as float32, plus the model's float32 copy
+    monkeypatch.setattr(hub, "available_memory", lambda: need - 1)
+    monkeypatch.setattr("vlm.hf_import.read_checkpoint", lambda directory: pytest.fail("the weights were read"))
+    with pytest.raises(VlmError, match=r"loading needs about .* GiB of memory .* GiB is free"):
+        load_vlm(str(tmp_path))
+    monkeypatch.undo()
+    assert load_vlm(str(tmp_path)).image_token_count == 16

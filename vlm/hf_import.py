@@ -14,9 +14,11 @@ projector activations) is refused in one line.
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from vlm import hub
@@ -29,6 +31,7 @@ from vlm.vision import VisionConfig
 SUPPORTED_MODEL_TYPES = ("llava",)
 SUPPORTED_VISION_TYPES = ("clip_vision_model",)
 INDEX_FILE = "model.safetensors.index.json"
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 UNUSED_WEIGHTS = ("vision.visual.proj",)  # CLIP's image projection: not part of the patch features
 
 
@@ -37,27 +40,62 @@ def hf_model_type(directory: Path) -> str | None:
     return hub.read_config(directory).get("model_type")
 
 
-def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists.
+def checkpoint_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json lists.
 
     Raises:
-        VlmError: a missing shard (named), an unreadable index or a damaged safetensors file.
+        VlmError: no weights, a missing shard (named) or an unreadable index.
     """
     index = directory / INDEX_FILE
     if not index.is_file():
         if not (directory / WEIGHTS_FILE).is_file():
             raise VlmError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is the download complete?")
-        return hub.read_weights(directory / WEIGHTS_FILE)[0]
+        return [directory / WEIGHTS_FILE]
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise VlmError(f"{index}: not a safetensors index (no weight_map); fetch it again") from None
-    state = {}
     for shard in shards:
         if not (directory / shard).is_file():
             raise VlmError(f"{directory}: missing shard {shard}; download it again")
-        state.update(hub.read_weights(directory / shard)[0])
+    return [directory / shard for shard in shards]
+
+
+def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint's safetensors files, as stored.
+
+    Raises:
+        VlmError: a missing shard (named), an unreadable index or a damaged safetensors file.
+    """
+    state = {}
+    for path in checkpoint_files(directory):
+        state.update(hub.read_weights(path)[0])
     return state
+
+
+def loading_bytes(directory: Path) -> int:
+    """Memory that loading takes at its peak: the tensors as stored plus their float32 copy
+    in the model, read from the safetensors headers (nothing is loaded)."""
+    total = 0
+    for path in checkpoint_files(directory):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    total += math.prod(tensor.get_shape()) * (DTYPE_BYTES.get(tensor.get_dtype(), 4) + 4)
+        except (SafetensorError, OSError) as e:
+            raise VlmError(f"{path}: not a readable safetensors file ({e}); download it again") from None
+    return total
+
+
+def check_memory(directory: Path) -> None:
+    """Raises VlmError, before anything is loaded, when loading would need more memory than is free."""
+    need, free = loading_bytes(directory), hub.available_memory()
+    if free is not None and need > free:
+        raise VlmError(
+            f"{directory}: loading needs about {need / 2**30:.1f} GiB of memory (the weights as stored and in "
+            f"float32), {free / 2**30:.1f} GiB is free; free memory or use a machine with more"
+        )
 
 
 def hub_layout(key: str) -> str:
@@ -253,7 +291,8 @@ def load_hf_llava(directory: str | Path):
     """A Hugging Face LLaVA checkpoint directory as our LlavaModel (float32, eval mode).
 
     Raises:
-        VlmError: another model type, an unsupported part, or weights that do not fit exactly.
+        VlmError: another model type, an unsupported part, weights that do not fit exactly,
+            or more memory needed than is free (checked before loading).
     """
     from vlm.llava import LlavaConfig, LlavaModel
 
@@ -265,6 +304,7 @@ def load_hf_llava(directory: str | Path):
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (or a vlmstack LLaVA/Flamingo directory)"
         )
     hf = AutoConfig.from_pretrained(str(directory))
+    check_memory(directory)
     vision = vision_config(hf, directory)
     projector, state = our_state_dict(hf, read_checkpoint(directory), directory)
     tokenizer = tokenizer_for(hf, directory)

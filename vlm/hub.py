@@ -176,6 +176,17 @@ def file_fingerprint(path: Path) -> str:
     return sha256_file(path)[:16]
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux /proc/meminfo), or None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def machine_info() -> dict:
     """What a model card records about the machine that trained or measured it."""
     return {
