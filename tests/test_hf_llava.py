@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlm.errors import VlmError
+from vlm.generation import left_pad
 from vlm.hf_llava import export_hf_llava
 from vlm.load import load_vlm
 
@@ -279,20 +280,27 @@ def test_missing_or_unexpected_checkpoint_weights_fail(exported, tmp_path):
         assert "\n" not in str(error.value)
 
 
-def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batch(tmp_path):
-    theirs, tokenizer = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
-    with torch.no_grad():  # scaled up so that answers depend on the prompt and the image
+def _scale_up(theirs) -> None:
+    """The LM's weight matrices x8 (and Qwen2's zero-initialised q/k/v biases made random), so
+    that answers depend on the prompt and the image."""
+    with torch.no_grad():
         for name, param in theirs.model.language_model.named_parameters():
             if param.ndim == 2 and "embed" not in name:
                 param.mul_(8.0)
-    theirs.save_pretrained(tmp_path)
-    ours = load_vlm(str(tmp_path))
+            elif name.endswith("proj.bias"):
+                param.normal_(0.0, 0.5)
+
+
+def _left_padded_questions(ours, tokenizer):
+    """(pictures, (B, T) ids left padded, (B, T) mask, (B, 3, S, S) pixels) for QUESTIONS."""
     pictures = [image.resize((32, 32)) for image in images()]
     sequences = [ours.encode([("user", f"<image>\n{q}")], generation_prompt=True)[0] for q in QUESTIONS]
-    width = max(map(len, sequences))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])  # (B, T) left padded
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
-    pixels = torch.stack([ours.transform(picture) for picture in pictures])
+    ids, mask = left_pad(sequences, tokenizer.pad_token_id)
+    return pictures, ids, mask, torch.stack([ours.transform(picture) for picture in pictures])
+
+
+def _generated(theirs, ours, tokenizer, ids, mask, pixels) -> list[str]:
+    """transformers' greedy answers (6 new tokens, our stop tokens) to a left-padded batch."""
     with torch.no_grad():
         tokens = theirs.generate(
             input_ids=ids,
@@ -303,7 +311,16 @@ def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batc
             eos_token_id=list(ours.stop_ids()),
             pad_token_id=tokenizer.pad_token_id,
         )
-    reference = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens[:, width:]]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens[:, ids.shape[1] :]]
+
+
+def test_hf_llava_loaded_answers_as_transformers_generates_on_a_left_padded_batch(tmp_path):
+    theirs, tokenizer = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
+    _scale_up(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_vlm(str(tmp_path))
+    pictures, ids, mask, pixels = _left_padded_questions(ours, tokenizer)
+    reference = _generated(theirs, ours, tokenizer, ids, mask, pixels)
     mine = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
     assert mine == reference
     assert len(set(mine)) > 1
@@ -318,39 +335,20 @@ def test_hf_llava_with_another_lm_family_loads_with_its_logits_and_greedy_answer
         tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default", family=family
     )
     assert theirs.config.text_config.model_type == family
-    with torch.no_grad():  # scaled up so that answers depend on the prompt and the image
-        for name, param in theirs.model.language_model.named_parameters():
-            if param.ndim == 2 and "embed" not in name:
-                param.mul_(8.0)
-            elif name.endswith("proj.bias"):  # Qwen2's q/k/v biases, zero at init: made to matter
-                param.normal_(0.0, 0.5)
+    _scale_up(theirs)
     biases = [n for n, _ in theirs.model.language_model.named_parameters() if n.endswith("proj.bias")]
     assert bool(biases) == (family == "qwen2")
     theirs.save_pretrained(tmp_path)
     ours = load_vlm(str(tmp_path))
-    pictures = [image.resize((32, 32)) for image in images()]
-    sequences = [ours.encode([("user", f"<image>\n{q}")], generation_prompt=True)[0] for q in QUESTIONS]
-    width = max(map(len, sequences))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sequences])  # (B, T) left padded
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    pictures, ids, mask, pixels = _left_padded_questions(ours, tokenizer)
     assert (mask == 0).any()
-    pixels = torch.stack([ours.transform(picture) for picture in pictures])
     with torch.no_grad():
         mine = ours(input_ids=ids, attention_mask=mask, pixels=pixels).logits
         reference = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        tokens = theirs.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixels,
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=list(ours.stop_ids()),
-            pad_token_id=tokenizer.pad_token_id,
-        )
     diff = (mine - reference)[mask.bool()].abs().max().item()
     print(f"{family}: max abs logit diff vs transformers: {diff:.2e}")
     assert diff <= 1e-4
-    expected = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens[:, width:]]
+    expected = _generated(theirs, ours, tokenizer, ids, mask, pixels)
     answers = ours.answer_batch(pictures, QUESTIONS, max_new_tokens=6)
     print(f"{family}: answers {answers}")
     assert answers == expected
