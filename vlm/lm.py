@@ -10,6 +10,7 @@ Weights load from safetensors only.
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -81,12 +82,46 @@ def build_tiny_lm(config: TinyLmConfig, tokenizer) -> nn.Module:
     return AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa")
 
 
-def lm_from_config(config: dict) -> nn.Module:
-    """An untrained causal LM from a Hugging Face config dict (weights loaded separately)."""
+def lm_from_config(config: dict, *, code_dir: Path | None = None) -> nn.Module:
+    """An untrained causal LM from a Hugging Face config dict (weights loaded separately).
+
+    A config with an `auto_map` names an LM whose Python code ships with it (e.g. MPT);
+    that code is imported from `code_dir` and run, so the caller must have decided to
+    trust it (see `remote_code_files`).
+    """
     config = dict(config)
-    return AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa"
-    )
+    if "auto_map" not in config:
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa"
+        )
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    if code_dir is None:
+        raise VlmError(f"the {config.get('model_type')} language model needs its Python files, and none were given")
+    try:
+        classes = {
+            auto: get_class_from_dynamic_module(local_reference(config["auto_map"][auto]), str(code_dir))
+            for auto in ("AutoConfig", "AutoModelForCausalLM")
+        }
+    except ImportError as e:  # the code needs packages that are not installed (transformers names them)
+        raise VlmError(f"{code_dir}: the language model's code cannot be imported ({str(e).splitlines()[0]})") from None
+    hf_config = classes["AutoConfig"].from_dict(config)
+    return classes["AutoModelForCausalLM"]._from_config(hf_config, attn_implementation="sdpa")
+
+
+def local_reference(reference: str) -> str:
+    """An auto_map class reference ("module.Class", or "org/repo--module.Class" for code
+    kept in another repository) as the module in the model's own directory."""
+    return reference.split("--")[-1]
+
+
+def remote_code_files(config: dict) -> list[str]:
+    """The Python files an LM config's auto_map names (empty for an LM transformers ships)."""
+    references = []
+    for value in dict(config.get("auto_map") or {}).values():
+        references += value if isinstance(value, (list, tuple)) else [value]
+    modules = {local_reference(r).rsplit(".", 1)[0] for r in references if isinstance(r, str)}
+    return sorted(m.replace(".", "/") + ".py" for m in modules)
 
 
 def load_lm(spec: str, *, trust_remote_code: bool = False) -> tuple[nn.Module, PreTrainedTokenizerFast]:

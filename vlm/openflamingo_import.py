@@ -24,10 +24,15 @@ OpenFlamingo's VQA prompt is `<image>Question:{question} Short answer:` (few-sho
 each example `<image>Question:{q} Short answer:{a}<|endofchunk|>`). vlmstack's own
 few-shot format (vlm/chat_template.py encode_fewshot) is `<image>Question: q Answer:`;
 prompt an imported model in OpenFlamingo's format for its published accuracy.
+
+An LM whose Python code ships with it (MPT: config.json auto_map) has those files copied
+into the model directory (listed in model_card.json as "lm_code"), and its auto_map made
+to point there; loading the directory then needs trust_remote_code (--trust-remote-code).
 """
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,7 +42,7 @@ from vlm import hub
 from vlm.clip import load_clip
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoModel, build_flamingo
-from vlm.lm import CHUNK_END, IMAGE_TOKEN, decoder_layers, load_lm
+from vlm.lm import CHUNK_END, IMAGE_TOKEN, decoder_layers, load_lm, local_reference, remote_code_files
 from vlm.resampler import ResamplerConfig
 from vlm.vision import VisionConfig, VisionTower
 
@@ -77,6 +82,22 @@ def needs_remote_code(lm: str) -> bool:
     directory = hub.resolve_dir(lm)
     config = Path(directory or lm) / "config.json"
     return config.is_file() and "auto_map" in json.loads(config.read_text())
+
+
+def copy_lm_code(lm: str, config: dict, out: Path) -> list[str]:
+    """Copy the Python files an LM's auto_map names, and the files they import, from the
+    LM's directory (or the hub cache load_lm filled) into `out`; returns their names."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+    from transformers.utils import cached_file
+
+    source = str(hub.resolve_dir(lm) or lm)
+    copied = []
+    for name in remote_code_files(config):
+        path = cached_file(source, name)
+        for file in [path, *get_relative_import_files(path)]:
+            shutil.copyfile(file, out / Path(file).name)
+            copied.append(Path(file).name)
+    return sorted(set(copied))
 
 
 def vision_tower(spec: str) -> VisionTower:
@@ -190,6 +211,14 @@ def import_openflamingo(
     tower = vision_tower(vision)
     language_model, tokenizer = load_lm(lm, trust_remote_code=trust_remote_code)
     add_openflamingo_tokens(language_model, tokenizer)
+    lm_config = language_model.config.to_dict()
+    if remote_code_files(lm_config):  # code from another repository is copied next to ours
+        language_model.config.auto_map = {
+            auto: [local_reference(r) if r else r for r in ref]
+            if isinstance(ref, (list, tuple))
+            else local_reference(ref)
+            for auto, ref in lm_config["auto_map"].items()
+        }
     positions = getattr(language_model.config, "max_position_embeddings", MAX_LENGTH)
     model = build_flamingo(
         vision=tower,
@@ -203,5 +232,7 @@ def import_openflamingo(
     )
     load_checkpoint(model, state, checkpoint)
     model.save(out)
+    if remote_code_files(lm_config):
+        hub.update_card(out, lm_code=copy_lm_code(lm, lm_config, Path(out)))
     log.info("imported %s as %s (prompt format: %s)", checkpoint, out, PROMPT_FORMAT)
     return Path(out)

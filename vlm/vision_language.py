@@ -28,7 +28,7 @@ from vlm.chat import ChatMixin
 from vlm.chat_template import Encoded
 from vlm.errors import VlmError
 from vlm.generation import Prompt, left_pad
-from vlm.lm import add_media_tokens, check_max_length, lm_from_config
+from vlm.lm import add_media_tokens, check_max_length, lm_from_config, remote_code_files
 from vlm.schema import from_dict
 from vlm.vision import VisionTower
 
@@ -114,16 +114,19 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         hub.save_module(directory, self, dtype=dtype)
 
     @classmethod
-    def load(cls, directory: str | Path):
-        """The model a `save` wrote, in eval mode.
+    def load(cls, directory: str | Path, *, trust_remote_code: bool = False):
+        """The model a `save` wrote, in eval mode. `trust_remote_code` allows a language
+        model whose Python code is saved with it (an imported OpenFlamingo with MPT).
 
         Raises:
-            VlmError: a config this class cannot read, or weights that do not fit it.
+            VlmError: a config this class cannot read, weights that do not fit it, or an LM
+                with its own code without `trust_remote_code` (or with its files missing).
         """
         directory = Path(directory)
         config = from_dict(cls.config_class, hub.read_config(directory), str(directory / hub.CONFIG_FILE))
+        check_remote_code(directory, config.lm, trust_remote_code)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, json.JSONDecodeError) as e:
             raise VlmError(
                 f"{directory}: cannot read the tokenizer files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -131,7 +134,21 @@ class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
         with hub.config_errors(directory, config.kind):
             if not hub.is_count(config.max_length):
                 raise ValueError(f"max_length must be a whole number of at least 1, not {config.max_length!r}")
-            model = cls(config=config, tokenizer=tokenizer)
+            model = cls(config=config, tokenizer=tokenizer, lm=lm_from_config(config.lm, code_dir=directory))
             check_max_length(model.lm, config.max_length)
         hub.load_module(directory, model)
         return model.eval()
+
+
+def check_remote_code(directory: Path, lm_config: dict, trust_remote_code: bool) -> None:
+    """Refuse (one line) an LM whose Python code is saved in `directory` unless trusted, or
+    whose code files are missing."""
+    files = remote_code_files(lm_config) if isinstance(lm_config, dict) else []
+    if files and not trust_remote_code:
+        raise VlmError(
+            f"{directory}: its language model runs Python code saved with it ({', '.join(files)}); "
+            "pass --trust-remote-code (load_vlm(..., trust_remote_code=True)) only if you trust where it came from"
+        )
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise VlmError(f"{directory}: {', '.join(missing)} missing (the language model's code); import the model again")
