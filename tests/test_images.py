@@ -3,11 +3,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, SiglipImageProcessorPil
 
 from tests.helpers import fail_if_blocked
 from vlm.errors import ImageError
-from vlm.images import ImageTransform, load_image, resize_and_crop
+from vlm.images import ImageTransform, load_image, resize_and_crop, to_tensor
 
 
 def _saved(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -102,3 +104,65 @@ def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
 
     with fail_if_blocked(10), pytest.raises(ImageError, match="not a regular file"):
         load_image(fifo)
+
+
+# Transformers' PIL-backend processors (transformers 5's plain CLIPImageProcessor is the
+# torchvision backend, which differs by up to one 8-bit level; AutoImageProcessor gives the
+# PIL one with backend="pil").
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIDE = 32
+# (width, height), both orientations, odd sides; where round() and int() give different long
+# sides (32 * 45 / 21 = 68.57) the old rounding put the crop one pixel off. For padding, an odd
+# (long - short) decides which side gets the spare row or column.
+NON_SQUARE = [(45, 21), (21, 45), (59, 37), (37, 59), (100, 33), (33, 100), (70, 41), (41, 70), (17, 90), (64, 23)]
+NON_SQUARE += [tuple(int(v) for v in np.random.default_rng(0).integers(16, 120, 2)) for _ in range(20)]
+
+
+def _random_image(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _max_diff_to(processor, **options) -> float:
+    worst = 0.0
+    for seed, (width, height) in enumerate(NON_SQUARE):
+        image = _random_image(width, height, seed)
+        theirs = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+        ours = to_tensor(image, size=SIDE, **options)
+        assert ours.shape == theirs.shape == (3, SIDE, SIDE)
+        worst = max(worst, (ours - theirs).abs().max().item())
+    return worst
+
+
+def test_sizes_include_ones_where_rounding_and_truncating_differ():
+    def long_side(w, h, f):
+        return f(SIDE * max(w, h) / min(w, h))
+
+    assert sum(long_side(w, h, round) != long_side(w, h, int) for w, h in NON_SQUARE) >= 10
+
+
+def test_crop_equals_clip_image_processor_on_non_square_images():
+    processor = CLIPImageProcessorPil(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+    assert _max_diff_to(processor, mean=CLIP_MEAN, std=CLIP_STD) <= 1e-6
+
+
+def test_no_crop_equals_siglip_image_processor():
+    processor = SiglipImageProcessorPil(size={"height": SIDE, "width": SIDE})
+    assert _max_diff_to(processor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop=False) <= 1e-6
+
+
+def test_pad_to_square_equals_llava_image_processor_with_do_pad():
+    processor = LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}
+    )
+    assert _max_diff_to(processor, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square=True) <= 1e-6
+
+
+def test_transform_passes_crop_and_padding_to_to_tensor():
+    transform = ImageTransform(SIDE, CLIP_MEAN, CLIP_STD)
+    assert (transform.crop, transform.pad_to_square) == (True, False)  # CLIP, as before
+    image = _random_image(45, 21, seed=1)
+    for options in ({"crop": False}, {"pad_to_square": True}):
+        expected = to_tensor(image, size=SIDE, mean=CLIP_MEAN, std=CLIP_STD, **options)
+        assert not torch.equal(expected, transform(image))
+        assert torch.equal(ImageTransform(SIDE, CLIP_MEAN, CLIP_STD, **options)(image), expected)

@@ -3,6 +3,12 @@
 Every part of vlmstack (training, evaluation, indexing, captioning, the app) opens images
 through `load_image`, and turns them into model input with `to_tensor`, so a picture looks
 the same to every model whichever path it came by.
+
+`to_tensor` reproduces Hugging Face's PIL-backend image processors pixel for pixel (so
+pretrained checkpoints see the input they were trained on):
+    crop=True                     CLIPImageProcessor (shorter side to size, centre crop)
+    crop=False                    SiglipImageProcessor (straight to size x size)
+    pad_to_square=True, crop=True LlavaImageProcessor(do_pad=True) (mean-colour square first)
 """
 
 import contextlib
@@ -129,23 +135,69 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop a square."""
+    """Resize the shorter side to `size` (bicubic, antialiased) and centre-crop a square.
+
+    The longer side is truncated, int(size * long / short), not rounded: what CLIP's
+    processor and torchvision's Resize (open_clip) do, so the crop lands on the same pixels.
+    """
     width, height = image.size
     if (width, height) == (size, size):
         return image
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    short, long = min(width, height), max(width, height)
+    long = int(size * long / short)
+    new_w, new_h = (size, long) if width <= height else (long, size)
     image = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(image: Image.Image, *, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image -> normalised float tensor (3, size, size), the model's input."""
-    image = resize_and_crop(image, size)
+def expand_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """Centre the image on a square of the mean colour, side = its longer side.
+
+    As LLaVA's expand2square and transformers' LlavaImageProcessor(do_pad=True): colour
+    int(m * 255) per channel (truncated), offset (side - short) // 2, so an odd spare
+    pixel goes below / to the right.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def to_tensor(
+    image: Image.Image,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop: bool = True,
+    pad_to_square: bool = False,
+) -> torch.Tensor:
+    """RGB image -> normalised float tensor (3, size, size), the model's input.
+
+    Args:
+        image: an RGB PIL image (from `load_image`).
+        size: the model's square input side in pixels.
+        mean, std: per-channel normalisation of pixels scaled to 0..1.
+        crop: True resizes the shorter side to `size` and centre-crops (CLIP); False
+            resizes straight to size x size, not keeping the aspect ratio (SigLIP).
+        pad_to_square: first pad to a square of the mean colour (LLaVA's do_pad), so
+            nothing is cropped away.
+    Returns:
+        A float32 tensor (3, size, size).
+    """
+    if pad_to_square:
+        image = expand_to_square(image, mean)
+    if crop:
+        image = resize_and_crop(image, size)
+    elif image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
 
 
 @dataclass(frozen=True)
@@ -155,10 +207,19 @@ class ImageTransform:
     size: int  # square input side in pixels
     mean: tuple  # per-channel normalisation
     std: tuple
+    crop: bool = True  # False: squash to size x size (SigLIP) instead of crop (CLIP)
+    pad_to_square: bool = False  # True: mean-colour square before resizing (LLaVA do_pad)
 
     def __call__(self, source: ImageSource) -> torch.Tensor:
         """Any image source -> (3, size, size). Raises ImageError."""
-        return to_tensor(load_image(source), size=self.size, mean=self.mean, std=self.std)
+        return to_tensor(
+            load_image(source),
+            size=self.size,
+            mean=self.mean,
+            std=self.std,
+            crop=self.crop,
+            pad_to_square=self.pad_to_square,
+        )
 
 
 def is_image_file(path: Union[str, Path]) -> bool:
