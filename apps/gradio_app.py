@@ -1,10 +1,12 @@
 """The vlmstack web app: search, visual chat and captioning in one Gradio Blocks page.
 
-    vlmstack app [--index INDEX] [--model DIR ...] [--host 127.0.0.1] [--port 7860] [--allow-remote]
+    vlmstack app [--index INDEX] [--model DIR|hf:ORG/NAME ...] [--host 127.0.0.1] [--port 7860] [--allow-remote]
 
 Without --index the Search tab uses an index of the easy-VQA test images, built once
 and cached. The chat and caption tabs offer the shipped VQA models and those given with
---model, nothing else; at most `MODELS_LOADED` stay loaded (least recently used go).
+--model, nothing else (an hf:ORG/NAME is downloaded once, at start-up); at most
+`MODELS_LOADED` stay loaded (least recently used go). A model whose LM runs its own code
+loads only with --trust-remote-code.
 The server binds to 127.0.0.1 unless told otherwise (another address needs
 --allow-remote, and the page then says it is reachable), refuses uploads over
 `MAX_FILE_SIZE`, deletes uploads an hour after they arrive, runs at most `concurrency`
@@ -41,6 +43,7 @@ from apps.web_safety import (
 )
 from retrieval import Searcher, build_index
 from retrieval.store import MANIFEST, read_manifest
+from vlm import download
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.webdataset import image_source
@@ -75,26 +78,33 @@ def vqa_model_names() -> list[str]:
 
 
 def check_vqa_models(specs: list[str]) -> list[str]:
-    """The shipped VQA names and the `specs` given on the command line (each checked to
-    be a VQA model directory). Raises VlmError naming a spec that is not."""
-    names = vqa_model_names()
+    """The names the app offers: the shipped VQA names and the `specs` (see vqa_model_sources)."""
+    return list(vqa_model_sources(specs))
+
+
+def vqa_model_sources(specs: list[str]) -> dict[str, str]:
+    """Model name -> what load_vlm loads, for the shipped VQA names and the `specs` given
+    on the command line (each checked to be a VQA model directory; an hf:ORG/NAME is
+    downloaded now, and its name stays the spec). Raises VlmError naming a spec that is not."""
+    sources = {name: name for name in vqa_model_names()}
     for spec in specs:
-        directory = resolve_dir(spec)
+        directory = download.download(spec) if download.is_hub_spec(spec) else resolve_dir(spec)
         if directory is None or not is_vqa_directory(directory):
             raise VlmError(
                 f"--model {spec}: not a LLaVA or Flamingo model directory, nor a Hugging Face LLaVA checkpoint"
             )
-        if spec not in names:
-            names.append(spec)
-    return names
+        sources.setdefault(spec, str(directory) if download.is_hub_spec(spec) else spec)
+    return sources
 
 
 class Models:
-    """Loaded VQA models by name, from a fixed list of allowed names; at most `capacity`
-    stay loaded (the least recently used is dropped). Thread-safe."""
+    """Loaded VQA models by name, from a fixed list of allowed names (each mapped to what
+    load_vlm loads); at most `capacity` stay loaded (the least recently used is dropped).
+    Thread-safe."""
 
-    def __init__(self, allowed: list[str], *, capacity: int = MODELS_LOADED):
-        self.allowed, self.capacity = list(allowed), capacity
+    def __init__(self, sources: dict[str, str], *, capacity: int = MODELS_LOADED, trust_remote_code: bool = False):
+        self.sources, self.capacity, self.trust_remote_code = dict(sources), capacity, trust_remote_code
+        self.allowed = list(self.sources)
         self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -104,7 +114,7 @@ class Models:
             raise VlmError(f"unknown model {str(name)[:80]!r}; choose one of: {', '.join(self.allowed)}")
         with self._lock:
             if name not in self._models:
-                self._models[name] = load_vlm(name)
+                self._models[name] = load_vlm(self.sources[name], trust_remote_code=self.trust_remote_code)
             self._models.move_to_end(name)
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
@@ -181,17 +191,20 @@ def build_app(
     concurrency: int = CONCURRENCY,
     remote_host: str | None = None,
     upload_max_age: int = UPLOAD_MAX_AGE,
+    trust_remote_code: bool = False,
 ) -> gr.Blocks:
-    """The app's page. `models`: VQA model directories offered beside the shipped ones;
-    `remote_host`: the non-loopback address served, which the page warns about.
+    """The app's page. `models`: VQA model directories (or hf:ORG/NAME) offered beside the
+    shipped ones; `remote_host`: the non-loopback address served, which the page warns
+    about; `trust_remote_code`: let a model's LM run Python code saved with it.
 
     Raises:
         VlmError: `index` is not an index, or a `models` entry is not a VQA model.
     """
     if index is not None:
         read_manifest(index)  # a mistyped --index fails now, not at the first search
-    names = check_vqa_models(list(models))
-    loaded = Models(names)
+    sources = vqa_model_sources(list(models))
+    names = list(sources)
+    loaded = Models(sources, trust_remote_code=trust_remote_code)
     searcher_cache: list[Searcher] = []
     searcher_lock = threading.Lock()
 
@@ -333,6 +346,7 @@ def launch(
     allow_remote: bool = False,
     block: bool = True,
     upload_max_age: int = UPLOAD_MAX_AGE,
+    trust_remote_code: bool = False,
 ) -> gr.Blocks:
     """Start the app; with block=False return once it serves (tests, scripts).
 
@@ -350,7 +364,13 @@ def launch(
     # server's own thread, and clients' uploads then time out (see
     # docs/benchmarks/app_concurrency.md).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
-    app = build_app(index=index, models=models, remote_host=host if remote else None, upload_max_age=upload_max_age)
+    app = build_app(
+        index=index,
+        models=models,
+        remote_host=host if remote else None,
+        upload_max_age=upload_max_age,
+        trust_remote_code=trust_remote_code,
+    )
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:
         app.launch(

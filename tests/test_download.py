@@ -60,3 +60,16 @@ def test_hub_spec_loads_the_downloaded_directory_with_safe_patterns_only(monkeyp
 def test_malformed_hub_spec_is_refused_before_any_download():
     with pytest.raises(VlmError, match="hf:ORG/NAME"):
         load_vlm("hf:not-a-repo")
+
+
+def test_app_offers_a_hub_spec_by_its_name_and_downloads_it_once_at_start(monkeypatch, tmp_path):
+    from apps.gradio_app import build_app
+
+    save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **_: calls.append(repo_id) or str(tmp_path)
+    )
+    app = build_app(models=["hf:x/y"])
+    assert app.models.allowed[-1] == "hf:x/y" and calls == ["x/y"]
+    assert isinstance(app.models.get("hf:x/y"), LlavaModel) and calls == ["x/y"]

@@ -89,9 +89,8 @@ def _eval(args) -> None:
             raise VlmError("--shot-data must not be the test split: few-shot examples come from training data")
         records = vqa_records(args.data)[: args.limit]
         shots = vqa_records(args.shot_data) if args.shots else None
-        metrics = evaluate_vqa(
-            load_vlm(args.model), records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots
-        )
+        model = load_vlm(args.model, trust_remote_code=args.trust_remote_code)
+        metrics = evaluate_vqa(model, records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
     print(json.dumps(metrics))
 
 
@@ -153,11 +152,20 @@ def _embed(args) -> None:
 
 def _caption(args) -> None:
     from apps.caption import caption_folder
+    from vlm import download
     from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
+    from vlm.load import load_vlm
 
+    model = args.model
+    if download.is_hub_spec(model):  # once here, not in every Ray actor
+        model = str(download.download(model))
+    if args.trust_remote_code:
+        if args.engine != "local":
+            raise VlmError("--trust-remote-code works with --engine local only")
+        model = load_vlm(model, trust_remote_code=True)
     report = caption_folder(
         args.folder,
-        model=args.model,
+        model=model,
         out=args.out,
         fmt=args.format,
         prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
@@ -179,7 +187,14 @@ def _app(args) -> None:
         logging.getLogger("vlmstack").warning(
             "serving on %s: anyone who can reach this address can use the app", args.host
         )
-    launch(index=args.index, models=args.model, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    launch(
+        index=args.index,
+        models=args.model,
+        host=args.host,
+        port=args.port,
+        allow_remote=args.allow_remote,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _export(args) -> None:
@@ -222,6 +237,15 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model whose LM runs Python code saved with it (imported OpenFlamingo-3B's MPT); "
+        "that code runs with your permissions",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmstack", description="CLIP image search, visual question answering and captioning."
@@ -245,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")
     evaluate.add_argument("kind", choices=["clip", "vqa"], help="clip: retrieval metrics; vqa: answer accuracy")
     evaluate.add_argument(
-        "--model", required=True, help="shipped name, model directory or open_clip:ARCH/TAG|ARCH@PATH"
+        "--model",
+        required=True,
+        help="shipped name, model directory, open_clip:ARCH/TAG|ARCH@PATH (clip) or hf:ORG/NAME (vqa)",
     )
     evaluate.add_argument("--data", required=True, help="easyvqa:train, easyvqa:test, or a .jsonl/.csv file")
     evaluate.add_argument("--batch-size", type=whole(1), default=64)
@@ -256,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)"
     )
+    _trust_remote_code_argument(evaluate)
     evaluate.set_defaults(run=_eval)
 
     index = commands.add_parser("index", help="build or update an image index of a folder")
@@ -310,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption every image in a folder (resumable)")
     caption.add_argument("folder", help="folder of images, or webdataset shards")
     caption.add_argument(
-        "--model", default="llava-easyvqa", help="VQA model: llava-easyvqa, flamingo-easyvqa or a directory"
+        "--model",
+        default="llava-easyvqa",
+        help="VQA model: llava-easyvqa, flamingo-easyvqa, a directory or hf:ORG/NAME (downloaded)",
     )
     caption.add_argument("--out", help="output file (.jsonl or .csv); not needed for --format txt")
     caption.add_argument(
@@ -329,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--workers", type=whole(1), default=2, help="Ray actors (with --engine ray)")
     _engine_arguments(caption)
+    _trust_remote_code_argument(caption)
     caption.set_defaults(run=_caption)
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
@@ -337,13 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         default=[],
-        help="a LLaVA/Flamingo model directory to offer beside the shipped ones (repeatable)",
+        help="a LLaVA/Flamingo model directory or hf:ORG/NAME to offer beside the shipped ones (repeatable)",
     )
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     app.add_argument(
         "--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)"
     )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
+    _trust_remote_code_argument(app)
     app.set_defaults(run=_app)
 
     export = commands.add_parser("export", help="write a LLaVA model as a Hugging Face checkpoint (transformers, vLLM)")

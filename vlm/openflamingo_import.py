@@ -2,7 +2,7 @@
 Flamingo model directory (vlm/flamingo.py).
 
     vlmstack import openflamingo --checkpoint checkpoint.pt \\
-        --vision open_clip:ViT-L-14@vit-l-14.pt --lm anas-awadalla/mpt-1b-redpajama-200b \\
+        --vision open_clip:ViT-L-14-quickgelu/openai --lm anas-awadalla/mpt-1b-redpajama-200b \\
         --cross-attn-every 1 --out openflamingo-3b --trust-remote-code
 
 checkpoint.pt holds only what OpenFlamingo trained: `perceiver.*` (the resampler),
