@@ -264,3 +264,22 @@ def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
         torch.testing.assert_close(after.get_parameter(name), param, atol=1e-6, rtol=0)
     with pytest.raises(VlmError, match="not a shipped Flamingo model"):
         train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "bad", init=lm_dir)
+
+
+def test_a_bfloat16_flamingo_answers_as_its_float32_self_nearly(tiny_flamingo):
+    """Every tensor the model makes follows its dtype (the latents' batch, the pixels)."""
+    import copy
+
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    half = copy.deepcopy(tiny_flamingo).to(torch.bfloat16)
+    ids = torch.tensor([tiny_flamingo.encode([("user", "<image>\nwhat color?")], generation_prompt=True)[0]])
+    with torch.no_grad():
+        full = tiny_flamingo(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixels=tiny_flamingo.transform(image)[None]
+        )
+        low = half(input_ids=ids, attention_mask=torch.ones_like(ids), pixels=half.transform(image)[None])
+    assert low.logits.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(full.logits[0, -1], low.logits[0, -1].float(), dim=0) > 0.99
+    assert isinstance(half.answer(image, "what color?", max_new_tokens=3), str)

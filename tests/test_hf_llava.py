@@ -386,11 +386,15 @@ def test_a_checkpoint_needing_more_memory_than_is_free_is_refused_before_loading
     from vlm.hf_import import loading_bytes
 
     theirs, _ = save_tiny_hf_llava(tmp_path, hidden_act="quick_gelu", feature_layer=-2, strategy="default")
-    parameters = sum(p.numel() for p in theirs.state_dict().values())
-    need = loading_bytes(tmp_path)
-    assert need == parameters * (4 + 4)  # saved as float32, plus the model's float32 copy
+    state = theirs.state_dict()
+    parameters = sum(t.numel() for t in state.values())
+    renamed = sum(t.numel() for k, t in state.items() if "vision_tower" in k or "multi_modal_projector" in k)
+    largest = max(t.numel() for t in state.values())
+    for dtype in (torch.float32, torch.bfloat16):  # the model in the compute dtype + what is held as stored (fp32)
+        assert loading_bytes(tmp_path, dtype) == parameters * dtype.itemsize + (renamed + largest) * 4
+    need = loading_bytes(tmp_path, torch.float32)
     monkeypatch.setattr(hub, "available_memory", lambda: need - 1)
-    monkeypatch.setattr("vlm.hf_import.read_checkpoint", lambda directory: pytest.fail("the weights were read"))
+    monkeypatch.setattr("vlm.hf_import.tensors", lambda directory: pytest.fail("the weights were read"))
     with pytest.raises(VlmError, match=r"loading needs about .* GiB of memory .* GiB is free"):
         load_vlm(str(tmp_path))
     monkeypatch.undo()

@@ -78,8 +78,15 @@ def test_projector_types(name, layers):
 
 
 def test_unknown_projector_raises():
-    with pytest.raises(ValueError, match="mlpNx_gelu"):
-        build_projector("mlp2x_relu", 4, 4)
+    for name in ("mlp2x_tanh", "mlp0x_gelu", "conv"):
+        with pytest.raises(ValueError, match="mlpNx_ACT"):
+            build_projector(name, 4, 4)
+
+
+def test_projector_activations_and_bias_are_built_as_named():
+    relu = build_projector("mlp2x_relu", 4, 6, bias=False)
+    assert isinstance(relu[1], torch.nn.ReLU) and relu[0].bias is None and relu[2].bias is None
+    assert build_projector("mlp2x_gelu_tanh", 4, 6)[1].approximate == "tanh"
 
 
 @pytest.mark.parametrize("stage,trained", [(1, {"projector"}), (2, {"projector", "lm"})])

@@ -25,10 +25,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vlm.chat_template import encode_conversation, encode_fewshot
+from vlm.chat_template import Encoded, encode_conversation, encode_fewshot, encode_with_template
 from vlm.generation import GenerationConfig, generate
 from vlm.images import ImageSource
-from vlm.lm import CHUNK_END, IMAGE_TOKEN
+from vlm.lm import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 FEATURE_CACHE_SIZE = 256  # images whose features are kept between calls
@@ -77,7 +77,7 @@ class ChatMixin:
             )
         dropped = 0
         while True:
-            length = len(encode_conversation(self.tokenizer, turns, generation_prompt=True).ids)
+            length = len(self.encode_turns(turns, generation_prompt=True).ids)
             length += placeholders * (self.image_token_count - 1)
             if length <= budget:
                 break
@@ -96,12 +96,20 @@ class ChatMixin:
             )
         return turns, images
 
+    def encode_turns(self, turns: list[tuple[str, str]], *, generation_prompt: bool = False) -> Encoded:
+        """A conversation in the model's chat template (a checkpoint's own, else vlmstack's), one token per image."""
+        template = getattr(self.config, "chat_template", None)
+        if template:
+            return encode_with_template(self.tokenizer, template, turns, generation_prompt=generation_prompt)
+        return encode_conversation(self.tokenizer, turns, generation_prompt=generation_prompt)
+
     def encode(self, turns: list[tuple[str, str]], *, generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation, image tokens expanded for this model."""
-        return self.expand(encode_conversation(self.tokenizer, turns, generation_prompt=generation_prompt))
+        return self.expand(self.encode_turns(turns, generation_prompt=generation_prompt))
 
     def stop_ids(self) -> tuple[int, ...]:
-        return (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(CHUNK_END))
+        """Tokens that end an answer: the tokenizer's eos, and <|endofchunk|> where the model has it."""
+        return tuple(t for t in (self.tokenizer.eos_token_id, self.chunk_end_id) if t is not None)
 
     def generate_ids(self, sequences: list[list[int]], images: list[list], config: GenerationConfig) -> list[str]:
         """Batched generation from prompt token ids (image tokens expanded) and their images."""

@@ -9,6 +9,10 @@
 A conversation is a list of (role, text) turns, role "user" or "assistant" (LLaVA's
 "human"/"gpt" map onto them); it starts with the tokenizer's <s> if its texts do. Training labels cover only the assistant's words and the
 end-of-sequence token; everything else is IGNORE_INDEX.
+
+A Hugging Face checkpoint brings its own Jinja template (`encode_with_template`): its
+messages are lists of parts ({"type": "image"}, {"type": "text", "text": ...}), the text
+between the user's <image> markers; that is for answering only (no training labels).
 """
 
 from dataclasses import dataclass
@@ -63,6 +67,39 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str]], *, generation_p
         ids += prefix
         labels += [IGNORE_INDEX] * len(prefix)
     return Encoded(ids, labels)
+
+
+def template_messages(turns: list[tuple[str, str]]) -> list[dict]:
+    """(role, text) turns -> Hugging Face chat messages: each <image> marker an image part,
+    the text around it text parts, in order."""
+    from vlm.lm import IMAGE_TOKEN
+
+    messages = []
+    for role, text in turns:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
+        parts = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                parts.append({"type": "image"})
+            if piece.strip():
+                parts.append({"type": "text", "text": piece.strip()})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def encode_with_template(
+    tokenizer, template: str, turns: list[tuple[str, str]], *, generation_prompt: bool = False
+) -> Encoded:
+    """Token ids of a conversation rendered by a checkpoint's Jinja chat template (labels all
+    IGNORE_INDEX). The tokenizer's start token is added unless the template writes it, as
+    transformers' processors do."""
+    text = tokenizer.apply_chat_template(
+        template_messages(turns), chat_template=template, add_generation_prompt=generation_prompt, tokenize=False
+    )
+    bos = tokenizer.bos_token
+    ids = ([] if bos and text.startswith(bos) else start_ids(tokenizer)) + _encode(tokenizer, text)
+    return Encoded(ids, [IGNORE_INDEX] * len(ids))
 
 
 def encode_fewshot(tokenizer, examples: list[tuple[str, str]], question: str | None) -> Encoded:

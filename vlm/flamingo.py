@@ -95,7 +95,7 @@ class FlamingoModel(VisionLanguageModel):
         """Images' (R, D) latents in reading order -> (B, M, R, D), zero-padded per row (at
         least one slot, so text-only rows still run the blocks' feed-forwards)."""
         r, d = self.config.resampler.num_latents, self.vision.width
-        out = torch.zeros(len(counts), max(1, max(counts, default=0)), r, d)
+        out = torch.zeros(len(counts), max(1, max(counts, default=0)), r, d, dtype=self.lm.dtype)
         start = 0
         for row, count in enumerate(counts):
             if count:

@@ -14,10 +14,8 @@ left padding recorded (batched answers disagree otherwise), the chat template of
 vlm/chat_template.py, and a CLIPImageProcessor doing what our ImageTransform does.
 The key maps are tables read both ways, so a loader of HF checkpoints reuses them.
 
-Preprocessing: `AutoProcessor.from_pretrained(DIR, backend="pil")` gives our pixels exactly for
-square images; transformers 5's default torchvision backend differs by up to one 8-bit level, and
-for non-square images whose resized long side is fractional CLIP truncates where we round, so
-the centre crop can sit one pixel apart (about 45% of random sizes; easy-VQA's are square).
+Preprocessing: `AutoProcessor.from_pretrained(DIR, backend="pil")` gives our pixels exactly;
+transformers 5's default torchvision backend differs by up to one 8-bit level.
 """
 
 import copy
@@ -174,6 +172,14 @@ def check_exportable(model) -> None:
             f"cannot export projector {model.config.projector!r} to hf-llava; "
             f"only {' and '.join(EXPORTABLE_PROJECTORS)} projectors map onto it"
         )
+    vision = model.config.vision
+    if vision.clip is None or len(model.vision.layer_indices) != 1 or vision.keep_cls or vision.ln_post:
+        raise VlmError(
+            "cannot export this vision tower to hf-llava: only a CLIP tower read at one layer, "
+            "without its class token or final layer norm, is exported"
+        )
+    if not vision.crop or vision.pad_to_square or not model.config.projector_bias:
+        raise VlmError("cannot export to hf-llava: only centre-cropped images and a projector with bias are exported")
     visual = model.vision.visual
     if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
         raise VlmError("cannot export a vision tower with non-square images or patches to hf-llava")
@@ -206,7 +212,7 @@ def hf_config(model) -> LlavaConfig:
         image_token_index=model.image_token_id,
         projector_hidden_act=EXPORTABLE_PROJECTORS[model.config.projector],
         multimodal_projector_bias=True,
-        vision_feature_layer=model.vision.layer_index - depth,  # block i's output is hidden_states[i + 1]
+        vision_feature_layer=model.vision.layer_indices[0] - depth,  # block i's output is hidden_states[i + 1]
         vision_feature_select_strategy="default",  # the CLS token dropped
         image_seq_length=model.image_token_count,
         tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),

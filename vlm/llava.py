@@ -37,18 +37,23 @@ class LlavaConfig(LlavaArchitecture):
     vision: VisionConfig
     lm: dict  # the language model's Hugging Face config
     stop_token_ids: tuple = ()  # more tokens that end an answer (a Hugging Face checkpoint's generation eos)
+    projector_bias: bool = True  # the projector's linear layers have biases
+    chat_template: str | None = None  # a checkpoint's own Jinja chat template (None: vlm/chat_template.py's)
     kind: str = field(default="llava", init=False)
     schema_version: int = schema_field()
 
 
 class LlavaModel(VisionLanguageModel):
     config_class = LlavaConfig
+    media_tokens = (IMAGE_TOKEN,)  # a checkpoint's tokenizer is used as shipped: nothing else is added
 
     def __init__(
         self, *, config: LlavaConfig, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None
     ):
         super().__init__(config=config, tokenizer=tokenizer, vision=vision, lm=lm)
-        self.projector = build_projector(config.projector, self.vision.width, self.hidden_size)
+        self.projector = build_projector(
+            config.projector, self.vision.width, self.hidden_size, bias=config.projector_bias
+        )
 
     @property
     def image_token_count(self) -> int:

@@ -82,8 +82,9 @@ def build_tiny_lm(config: TinyLmConfig, tokenizer) -> nn.Module:
     return AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa")
 
 
-def lm_from_config(config: dict, *, code_dir: Path | None = None) -> nn.Module:
-    """An untrained causal LM from a Hugging Face config dict (weights loaded separately).
+def lm_from_config(config: dict, *, code_dir: Path | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """An untrained causal LM from a Hugging Face config dict (weights loaded separately),
+    its parameters in `dtype` (default: torch's default, float32).
 
     A config with an `auto_map` names an LM whose Python code ships with it (e.g. MPT);
     that code is imported from `code_dir` and run, so the caller must have decided to
@@ -92,7 +93,7 @@ def lm_from_config(config: dict, *, code_dir: Path | None = None) -> nn.Module:
     config = dict(config)
     if "auto_map" not in config:
         return AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa"
+            AutoConfig.for_model(config.pop("model_type"), **config), attn_implementation="sdpa", dtype=dtype
         )
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -106,7 +107,7 @@ def lm_from_config(config: dict, *, code_dir: Path | None = None) -> nn.Module:
     except ImportError as e:  # the code needs packages that are not installed (transformers names them)
         raise VlmError(f"{code_dir}: the language model's code cannot be imported ({str(e).splitlines()[0]})") from None
     hf_config = classes["AutoConfig"].from_dict(config)
-    return classes["AutoModelForCausalLM"]._from_config(hf_config, attn_implementation="sdpa")
+    return classes["AutoModelForCausalLM"]._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
 
 
 def local_reference(reference: str) -> str:
@@ -156,15 +157,15 @@ def check_max_length(lm: nn.Module, max_length: int) -> None:
         raise VlmError(f"max_length {max_length} exceeds the LM's {lm.config.max_position_embeddings} positions")
 
 
-def add_media_tokens(model: nn.Module, tokenizer) -> list[int]:
-    """Make sure the tokenizer knows <image> and <|endofchunk|> (adding rows to the
-    model's embeddings if needed); returns their ids."""
-    missing = [t for t in MEDIA_TOKENS if t not in tokenizer.get_vocab()]
+def add_media_tokens(model: nn.Module, tokenizer, tokens: tuple[str, ...] = MEDIA_TOKENS) -> list[int]:
+    """Make sure the tokenizer knows `tokens` (<image> and <|endofchunk|>), adding rows to the
+    model's embeddings if needed; returns their ids."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    return tokenizer.convert_tokens_to_ids(list(MEDIA_TOKENS))
+    return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -28,20 +28,30 @@ from vlm.chat import ChatMixin
 from vlm.chat_template import Encoded
 from vlm.errors import VlmError
 from vlm.generation import Prompt, left_pad
-from vlm.lm import add_media_tokens, check_max_length, lm_from_config, remote_code_files
+from vlm.lm import (
+    CHUNK_END,
+    IMAGE_TOKEN,
+    MEDIA_TOKENS,
+    add_media_tokens,
+    check_max_length,
+    lm_from_config,
+    remote_code_files,
+)
 from vlm.schema import from_dict
 from vlm.vision import VisionTower
 
 
 class VisionLanguageModel(ChatMixin, nn.Module, metaclass=abc.ABCMeta):
     config_class: ClassVar[type]  # the subclass's config dataclass (vision, lm, max_length, ...)
+    media_tokens: ClassVar[tuple[str, ...]] = MEDIA_TOKENS  # the tokens the tokenizer must know
 
     def __init__(self, *, config, tokenizer, vision: VisionTower | None = None, lm: nn.Module | None = None):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         self.vision = vision or VisionTower(config=config.vision)
         self.lm = lm if lm is not None else lm_from_config(config.lm)
-        self.image_token_id, self.chunk_end_id = add_media_tokens(self.lm, tokenizer)
+        ids = dict(zip(self.media_tokens, add_media_tokens(self.lm, tokenizer, self.media_tokens)))
+        self.image_token_id, self.chunk_end_id = ids[IMAGE_TOKEN], ids.get(CHUNK_END)
         self.config.lm = self.lm.config.to_dict()  # with the media tokens' rows added
 
     @property
