@@ -102,8 +102,16 @@ class Models:
     load_vlm loads); at most `capacity` stay loaded (the least recently used is dropped).
     Thread-safe."""
 
-    def __init__(self, sources: dict[str, str], *, capacity: int = MODELS_LOADED, trust_remote_code: bool = False):
-        self.sources, self.capacity, self.trust_remote_code = dict(sources), capacity, trust_remote_code
+    def __init__(
+        self,
+        sources: dict[str, str],
+        *,
+        capacity: int = MODELS_LOADED,
+        trust_remote_code: bool = False,
+        dtype: str = "float32",
+    ):
+        self.sources, self.capacity = dict(sources), capacity
+        self.trust_remote_code, self.dtype = trust_remote_code, dtype
         self.allowed = list(self.sources)
         self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -114,7 +122,9 @@ class Models:
             raise VlmError(f"unknown model {str(name)[:80]!r}; choose one of: {', '.join(self.allowed)}")
         with self._lock:
             if name not in self._models:
-                self._models[name] = load_vlm(self.sources[name], trust_remote_code=self.trust_remote_code)
+                self._models[name] = load_vlm(
+                    self.sources[name], trust_remote_code=self.trust_remote_code, dtype=self.dtype
+                )
             self._models.move_to_end(name)
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
@@ -192,10 +202,12 @@ def build_app(
     remote_host: str | None = None,
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
+    dtype: str = "float32",
 ) -> gr.Blocks:
     """The app's page. `models`: VQA model directories (or hf:ORG/NAME) offered beside the
     shipped ones; `remote_host`: the non-loopback address served, which the page warns
-    about; `trust_remote_code`: let a model's LM run Python code saved with it.
+    about; `trust_remote_code`: let a model's LM run Python code saved with it; `dtype`:
+    the models' compute dtype (vlm.load.compute_dtype).
 
     Raises:
         VlmError: `index` is not an index, or a `models` entry is not a VQA model.
@@ -204,7 +216,7 @@ def build_app(
         read_manifest(index)  # a mistyped --index fails now, not at the first search
     sources = vqa_model_sources(list(models))
     names = list(sources)
-    loaded = Models(sources, trust_remote_code=trust_remote_code)
+    loaded = Models(sources, trust_remote_code=trust_remote_code, dtype=dtype)
     searcher_cache: list[Searcher] = []
     searcher_lock = threading.Lock()
 
@@ -347,6 +359,7 @@ def launch(
     block: bool = True,
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
+    dtype: str = "float32",
 ) -> gr.Blocks:
     """Start the app; with block=False return once it serves (tests, scripts).
 
@@ -370,6 +383,7 @@ def launch(
         remote_host=host if remote else None,
         upload_max_age=upload_max_age,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:

@@ -89,7 +89,7 @@ def _eval(args) -> None:
             raise VlmError("--shot-data must not be the test split: few-shot examples come from training data")
         records = vqa_records(args.data)[: args.limit]
         shots = vqa_records(args.shot_data) if args.shots else None
-        model = load_vlm(args.model, trust_remote_code=args.trust_remote_code)
+        model = load_vlm(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         metrics = evaluate_vqa(model, records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
     print(json.dumps(metrics))
 
@@ -159,10 +159,10 @@ def _caption(args) -> None:
     model = args.model
     if download.is_hub_spec(model):  # once here, not in every Ray actor
         model = str(download.download(model))
-    if args.trust_remote_code:
-        if args.engine != "local":
-            raise VlmError("--trust-remote-code works with --engine local only")
-        model = load_vlm(model, trust_remote_code=True)
+    if args.engine == "local":
+        model = load_vlm(model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+    elif args.trust_remote_code or args.dtype != "float32":
+        raise VlmError("--trust-remote-code and --dtype work with --engine local only")
     report = caption_folder(
         args.folder,
         model=model,
@@ -194,6 +194,7 @@ def _app(args) -> None:
         port=args.port,
         allow_remote=args.allow_remote,
         trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
     )
 
 
@@ -237,12 +238,18 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+def _model_loading_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow a model whose LM runs Python code saved with it (imported OpenFlamingo-3B's MPT); "
         "that code runs with your permissions",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype; bfloat16 halves the memory where the CPU computes it natively (else float32, warned)",
     )
 
 
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--shot-data", default="easyvqa:train", help="vqa: where few-shot examples come from (never the test data)"
     )
-    _trust_remote_code_argument(evaluate)
+    _model_loading_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
     index = commands.add_parser("index", help="build or update an image index of a folder")
@@ -358,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--workers", type=whole(1), default=2, help="Ray actors (with --engine ray)")
     _engine_arguments(caption)
-    _trust_remote_code_argument(caption)
+    _model_loading_arguments(caption)
     caption.set_defaults(run=_caption)
 
     app = commands.add_parser("app", help="the web app: search, visual chat, captioning")
@@ -374,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)"
     )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
-    _trust_remote_code_argument(app)
+    _model_loading_arguments(app)
     app.set_defaults(run=_app)
 
     export = commands.add_parser("export", help="write a LLaVA model as a Hugging Face checkpoint (transformers, vLLM)")
