@@ -399,3 +399,28 @@ def test_a_checkpoint_needing_more_memory_than_is_free_is_refused_before_loading
         load_vlm(str(tmp_path))
     monkeypatch.undo()
     assert load_vlm(str(tmp_path)).image_token_count == 16
+
+
+def test_exported_answers_equal_ours_on_200_easyvqa_test_questions(exported):
+    """Evaluation use of the test split: transformers' generate on the export answers 200
+    easyvqa:test questions (left-padded batches of 25) exactly as vlmstack does."""
+    from vlm.data.sources import vqa_records
+    from vlm.images import load_image
+
+    ours, theirs, processor, _ = exported
+    records = vqa_records("easyvqa:test")[:200]
+    mine, reference = [], []
+    for start in range(0, len(records), 25):
+        batch = records[start : start + 25]
+        pictures = [load_image(r.image) for r in batch]
+        questions = [r.question for r in batch]
+        inputs = processor(images=pictures, text=hf_prompts(processor, questions), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            tokens = theirs.generate(**inputs, max_new_tokens=4, do_sample=False)
+        reference += [
+            t.strip()
+            for t in processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
+        mine += ours.answer_batch(pictures, questions, max_new_tokens=4)
+    assert mine == reference
+    assert len(set(mine)) > 10
