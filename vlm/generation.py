@@ -10,10 +10,14 @@ A model plugs in with two methods:
     step(embeds (B, T, H), attention_mask (B, T_total), position_ids (B, T), cache, prompt, start) -> (logits (B, T, V), cache)
 where `start` is how many tokens of each row the cache already holds (the model may
 need it, e.g. to know which image a generated token follows).
+
+Rows may differ in their GenerationConfig (one per row: the scheduler of vlm/scheduler.py
+batches different callers' requests); each row then samples with its own generator, so a
+row's tokens are those it would get alone.
 """
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -70,31 +74,52 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _choose_rows(logits: torch.Tensor, configs: Sequence[GenerationConfig], generators: list) -> torch.Tensor:
+    """(B, V) -> (B,) next tokens, each row by its own config and generator."""
+    if all(c.temperature <= 0 for c in configs):
+        return logits.argmax(-1)
+    return torch.cat([_choose(logits[i : i + 1], c, g) for i, (c, g) in enumerate(zip(configs, generators))])
+
+
 @torch.inference_mode()
 def generate(
-    model, prompt: Prompt, *, stop_ids: tuple[int, ...], pad_id: int, config: GenerationConfig
+    model,
+    prompt: Prompt,
+    *,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    config: GenerationConfig | Sequence[GenerationConfig],
+    ended: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield (B,) tokens per step until every row has produced one of `stop_ids` or the limit.
+    """Yield (B,) tokens per step until every row has produced one of `stop_ids`, reached its
+    max_new_tokens, or been ended by the caller.
 
+    config: one for all rows, or one per row.
+    ended: optional (B,) bool the caller may set between steps to end rows (a client gone).
     Rows that finished keep receiving `pad_id`.
     """
-    generator = torch.Generator().manual_seed(config.seed)
+    batch = prompt.attention_mask.shape[0]
+    configs = [config] * batch if isinstance(config, GenerationConfig) else list(config)
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    limits = torch.tensor([c.max_new_tokens for c in configs])  # (B,)
+    use_cache = all(c.use_cache for c in configs)
     mask = prompt.attention_mask
-    batch = mask.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
     logits, cache = model.step(prompt.embeds, mask, positions(mask), None, prompt, 0)
     all_embeds = prompt.embeds
-    for _ in range(config.max_new_tokens):
-        token = _choose(logits[:, -1], config, generator)
+    for step in range(int(limits.max())):
+        if ended is not None:
+            done |= ended
+        token = _choose_rows(logits[:, -1], configs, generators)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         yield token
-        done |= torch.isin(token, torch.tensor(stop_ids))
+        done |= torch.isin(token, torch.tensor(stop_ids)) | (limits <= step + 1)
         if done.all():
             return
         new_embeds = model.token_embeddings(token[:, None])  # (B, 1, H)
         start = mask.shape[1]
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        if config.use_cache:
+        if use_cache:
             logits, cache = model.step(new_embeds, mask, positions(mask)[:, -1:], cache, prompt, start)
         else:
             all_embeds = torch.cat([all_embeds, new_embeds], dim=1)
