@@ -261,3 +261,14 @@ def test_dtype_option_of_the_cli_and_its_float32_fallback(interleave, tmp_path, 
     assert "no native bfloat16" in caplog.text
     with pytest.raises(VlmError, match="unknown dtype 'float16'"):
         compute_dtype("float16")
+
+
+def test_a_damaged_weights_file_is_one_line(tmp_path):
+    save_tiny_llava(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    for name, damaged in (("cut short", data[: len(data) // 2]), ("random bytes", b"\x13\x37" * 500)):
+        weights.write_bytes(damaged)
+        with pytest.raises(VlmError, match="not a readable safetensors file") as error:
+            load_vlm(str(tmp_path))
+        assert "\n" not in str(error.value), name
