@@ -198,6 +198,23 @@ def _app(args) -> None:
     )
 
 
+def _serve(args) -> None:
+    from apps.server import serve
+
+    serve(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("VLMSTACK_API_KEY") or None,
+        models=args.model,
+        clip_model=args.clip_model,
+        index=args.index,
+        allow_remote_images=args.allow_remote_images,
+        max_batch=args.max_batch,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
+    )
+
+
 def _export(args) -> None:
     from vlm.hf_llava import export_model
 
@@ -383,6 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=whole(1, 65535), default=7860)
     _model_loading_arguments(app)
     app.set_defaults(run=_app)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API: chat with images, embeddings, search")
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a LLaVA/Flamingo model directory or hf:ORG/NAME to offer beside the shipped ones (repeatable)",
+    )
+    serve.add_argument("--clip-model", default=None, help="CLIP for /v1/embeddings and search (default: the index's)")
+    serve.add_argument("--index", default=None, help="index for /v1/search (default: none, search is off)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=whole(1, 65535), default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require Authorization: Bearer KEY on /v1 routes (or set VLMSTACK_API_KEY); needed for a non-loopback --host",
+    )
+    serve.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only)"
+    )
+    serve.add_argument("--max-batch", type=whole(1, 256), default=16, help="chat requests generated together")
+    _model_loading_arguments(serve)
+    serve.set_defaults(run=_serve)
 
     export = commands.add_parser("export", help="write a LLaVA model as a Hugging Face checkpoint (transformers, vLLM)")
     export.add_argument("model", help="shipped name or LLaVA model directory")
