@@ -5,6 +5,7 @@
     POST /v1/chat/completions    text + image_url parts; stream=true as server-sent events
     POST /v1/embeddings          CLIP embeddings of texts, and of {"image": URL} items (our extension)
     POST /v1/search              {"query"?, "image"?, "k"} -> {"data": [{"path", "score", "thumbnail_url"}]}
+                                 (paths relative to the indexed folder)
     GET  /v1/thumbnails?path=P   a JPEG thumbnail of a file the index holds (nothing else)
 
 Chat requests for one model go to its GenerationScheduler (vlm/scheduler.py), which batches
@@ -24,6 +25,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
@@ -40,6 +42,7 @@ from apps.server_inputs import (
     ImagePolicy,
     SearchRequest,
     chat_turns,
+    parse_body,
     parse_embedding_inputs,
 )
 from apps.web_safety import check_bind, is_loopback
@@ -184,7 +187,8 @@ def build_api(
         }
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatRequest)
         turns, urls = chat_turns(body.messages)
         engine = await run_in_threadpool(engines.get, body.model)
         images = await run_in_threadpool(policy.load, urls)
@@ -208,7 +212,8 @@ def build_api(
         return await reply.whole()
 
     @api.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request):
+    async def embeddings(request: Request):
+        body = await parse_body(request, EmbeddingRequest)
         if body.model != search.clip_name:
             raise ApiError(
                 404,
@@ -240,7 +245,8 @@ def build_api(
         }
 
     @api.post("/v1/search")
-    async def search_index(body: SearchRequest, request: Request):
+    async def search_index(request: Request):
+        body = await parse_body(request, SearchRequest)
         if (body.query is None) == (body.image is None):
             raise ApiError(400, 'give "query" (text) or "image" (a data: URL), one of them', param="query")
         if body.query is not None:
@@ -248,23 +254,33 @@ def build_api(
         else:
             image = (await run_in_threadpool(policy.load, [body.image], param="image"))[0]
             hits = await run_in_threadpool(search.search_image, image, body.k)
-        base = str(request.url_for("thumbnail"))
+        base, root = str(request.url_for("thumbnail")), search.root
+        paths = [_relative(h.path, root) for h in hits]
         return {
             "object": "list",
             "data": [
-                {"path": h.path, "score": float(h.score), "thumbnail_url": f"{base}?path={quote(h.path)}"} for h in hits
+                {"path": p, "score": float(h.score), "thumbnail_url": f"{base}?path={quote(p)}"}
+                for p, h in zip(paths, hits)
             ],
         }
 
     @api.get("/v1/thumbnails", name="thumbnail")
     async def thumbnail(path: str):
         try:
-            jpeg = await run_in_threadpool(search.thumbnail, path)
+            jpeg = await run_in_threadpool(search.thumbnail, str(search.root / path))  # checked: indexed, inside
         except KeyError:
             raise ApiError(404, "no such image in the index", param="path") from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return api
+
+
+def _relative(path: str, root: Path) -> str:
+    """A hit's path relative to the indexed folder: clients learn nothing of the server's disk."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
 
 
 def _submit(scheduler, turns, images, config, stop):

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from apps.server_errors import ApiError
 from vlm.cli import MAX_NEW_TOKENS
@@ -96,6 +98,15 @@ class SearchRequest(BaseModel):
     query: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     image: str | None = None  # a data: URL (or http(s) with --allow-remote-images)
     k: int = Field(default=10, ge=1, le=100)
+
+
+async def parse_body(request: Request, schema: type[BaseModel]):
+    """The body as `schema`, read as JSON whatever its Content-Type says (curl -d sends
+    form-encoded). Raises RequestValidationError (the error handlers make it OpenAI-shaped)."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
 
 
 def chat_turns(messages: list[Message]) -> tuple[list[tuple[str, str]], list[str]]:

@@ -162,11 +162,12 @@ def test_search_finds_indexed_images_and_serves_only_their_thumbnails(server, im
     thumbnail = httpx.get(hits[0]["thumbnail_url"], headers={"Authorization": f"Bearer {KEY}"})
     assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"  # a JPEG
     by_image = post(server, "/v1/search", json={"image": data_url_of_file(images / "green-circle.png"), "k": 1})
-    assert by_image.json()["data"][0]["path"].endswith("green-circle.png")
-    outside = httpx.get(
-        f"{server}/v1/thumbnails", params={"path": "/etc/passwd"}, headers={"Authorization": f"Bearer {KEY}"}
-    )
-    assert_openai_error(outside, 404)
+    assert by_image.json()["data"][0]["path"] == "green-circle.png"  # relative to the indexed folder
+    for outside in ("/etc/passwd", "../index/manifest.json", str(images / "red-circle.png") + "/.."):
+        found = httpx.get(
+            f"{server}/v1/thumbnails", params={"path": outside}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert_openai_error(found, 404)
 
 
 RED = data_url(draw_shape("red", "circle"))
