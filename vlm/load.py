@@ -31,19 +31,30 @@ def compute_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_vlm(spec: str, *, trust_remote_code: bool = False, dtype: str = "float32"):
+def load_vlm(spec: str, *, trust_remote_code: bool = False, dtype: str = "float32", quantize: str | None = None):
     """A LlavaModel or FlamingoModel, ready to answer.
 
     Args:
-        spec: a shipped name, a model directory, or `hf:ORG/NAME`.
+        spec: a shipped name, a model directory, an adapter directory (vlm/adapters.py:
+            loaded on its base), or `hf:ORG/NAME`.
         dtype: "float32" or "bfloat16", the dtype the model computes in (see compute_dtype).
+        quantize: None, or "int8": dynamic int8 linear layers (vlm/quantize.py; float32 only).
         trust_remote_code: allow a model whose language model runs Python code saved with
             it (an imported OpenFlamingo with MPT): only for sources you trust.
     Raises:
         VlmError: not a shipped name, model directory of a VQA model or HF LLaVA checkpoint;
-            a download that failed; remote code without `trust_remote_code`.
+            a download that failed; remote code without `trust_remote_code`; an adapter
+            whose base is missing or changed.
     """
+    from vlm.quantize import check_quantize, quantize_int8
+
     torch_dtype = compute_dtype(dtype)
+    check_quantize(quantize, torch_dtype)
+    model = _load(spec, trust_remote_code, dtype, torch_dtype)
+    return quantize_int8(model) if quantize == "int8" else model
+
+
+def _load(spec: str, trust_remote_code: bool, dtype: str, torch_dtype: torch.dtype):
     directory = download.download(spec) if download.is_hub_spec(spec) else hub.resolve_dir(spec)
     kind = hub.model_kind(directory) if directory else None
     if kind == "lm":  # a Hugging Face checkpoint: config.json with a model_type
@@ -58,15 +69,19 @@ def load_vlm(spec: str, *, trust_remote_code: bool = False, dtype: str = "float3
         from vlm.flamingo import FlamingoModel
 
         return FlamingoModel.load(directory, trust_remote_code=trust_remote_code).to(torch_dtype)
+    if kind == "adapter":
+        from vlm.adapters import load_adapted
+
+        return load_adapted(directory, trust_remote_code=trust_remote_code, dtype=dtype)
     names = [n for n in hub.shipped_names() if hub.model_kind(hub.WEIGHTS_DIR / n) in VQA_KINDS]
     what = f"a {kind} model, not a VQA model" if kind else "not a shipped name or model directory"
     raise VlmError(
         f"{spec!r} is {what}; VQA models: {', '.join(names) or 'none shipped'}, "
-        "a LLaVA/Flamingo directory, a Hugging Face LLaVA directory or hf:ORG/NAME"
+        "a LLaVA/Flamingo directory, an adapter directory, a Hugging Face LLaVA directory or hf:ORG/NAME"
     )
 
 
 def is_vqa_directory(directory) -> bool:
     """True for a model directory load_vlm takes: our LLaVA/Flamingo, or a Hugging Face LLaVA checkpoint."""
     kind = hub.model_kind(directory)
-    return kind in VQA_KINDS or (kind == "lm" and hub.read_config(directory).get("model_type") == "llava")
+    return kind in (*VQA_KINDS, "adapter") or (kind == "lm" and hub.read_config(directory).get("model_type") == "llava")

@@ -49,10 +49,12 @@ def train_stage(
     resume: bool,
     card: dict,
     augment: Callable | None = None,
+    save: Callable[[Trainer, dict], None] | None = None,
 ) -> dict:
     """Train `model`'s trainable parameters on LLaVA-format records (plus Flamingo's few-shot
     and multi-image ones); save the model to run_dir. Returns validation metrics. `augment`
-    (PIL -> PIL) applies to training images only."""
+    (PIL -> PIL) applies to training images only. `save(trainer, metrics)` replaces the
+    final save (the whole model and its run card), e.g. to write only an adapter."""
     torch.manual_seed(config.seed)
     sequences = encode_records(records, model, model.max_length)
     val_sequences = encode_records(val_records, model, model.max_length)
@@ -93,7 +95,10 @@ def train_stage(
     )
     metrics = trainer.fit(resume=resume)
     if distributed.is_main():
-        _save(model, run_dir, trainer, card, metrics)
+        if save is None:
+            _save(model, run_dir, trainer, card, metrics)
+        else:
+            save(trainer, metrics)
     distributed.barrier()  # a next stage on other ranks starts from the saved model
     return metrics
 
