@@ -49,18 +49,8 @@ def server(images):
 
     index = images.parent / "index"
     build_index(images, index, progress=False)
-    api = build_api(index=str(index), api_key=KEY, max_batch=8)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    base, server, thread = start(build_api(index=str(index), api_key=KEY, max_batch=8))
+    yield base
     server.should_exit = True
     thread.join(60)
 
@@ -318,3 +308,47 @@ def test_serve_refuses_a_non_loopback_host_without_a_key(capsys, monkeypatch):
     monkeypatch.delenv("VLMSTACK_API_KEY", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def start(api) -> tuple[str, "uvicorn.Server", threading.Thread]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def test_shutdown_finishes_a_running_request_then_closes_the_schedulers():
+    from apps.server import build_api
+
+    api = build_api()  # no key on loopback; flamingo-easyvqa loads on the first request
+    base, server, thread = start(api)
+    replies = []
+    body = {"model": "flamingo-easyvqa", "max_tokens": 8, "messages": image_message(RED)}
+    asking = threading.Thread(
+        target=lambda: replies.append(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60))
+    )
+    asking.start()
+    time.sleep(0.3)  # the request is in flight (the model is loading)
+    server.should_exit = True
+    asking.join(60)
+    thread.join(60)
+    assert replies[0].status_code == 200 and replies[0].json()["choices"][0]["message"]["content"] == "red"
+    assert api.state.engines.loaded() == []  # closed by the lifespan
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/a.png", "http://10.1.2.3/a.png", "http://[::1]/a.png", "http://localhost/a.png"]
+)
+def test_remote_images_are_never_fetched_from_local_or_private_addresses(url):
+    from apps.server_errors import ApiError
+    from apps.server_inputs import ImagePolicy
+
+    with pytest.raises(ApiError, match="private or local"):
+        ImagePolicy(allow_remote=True).load([url])
