@@ -71,7 +71,9 @@ class Engines:
         self.sources, self.capacity, self.max_batch = dict(sources), capacity, max_batch
         self.trust_remote_code, self.dtype = trust_remote_code, dtype
         self._engines: OrderedDict[str, Engine] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts
+        self._loading: dict[str, threading.Lock] = {}
+        self._closed = False
 
     def get(self, name: str) -> Engine:
         """Raises ApiError 404 for a name that is not on offer."""
@@ -83,13 +85,22 @@ class Engines:
                 code="model_not_found",
             )
         with self._lock:
-            if name not in self._engines:
-                self._engines[name] = self._load(name)
-            self._engines.move_to_end(name)
-            while len(self._engines) > self.capacity:
-                _, old = self._engines.popitem(last=False)
-                threading.Thread(target=old.scheduler.close, args=(SHUTDOWN_TIMEOUT,), daemon=True).start()
-            return self._engines[name]
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # one load per name; requests for models already loaded do not wait for it
+            with self._lock:
+                engine = self._engines.get(name)
+            if engine is None:
+                engine = self._load(name)
+            with self._lock:
+                if self._closed:
+                    engine.scheduler.close(0)
+                    raise ApiError(503, "the server is shutting down")
+                self._engines[name] = engine
+                self._engines.move_to_end(name)
+                while len(self._engines) > self.capacity:
+                    _, old = self._engines.popitem(last=False)
+                    threading.Thread(target=old.scheduler.close, args=(SHUTDOWN_TIMEOUT,), daemon=True).start()
+            return engine
 
     def _load(self, name: str) -> Engine:
         from vlm.load import load_vlm
@@ -106,7 +117,7 @@ class Engines:
     def close(self, timeout: float | None = SHUTDOWN_TIMEOUT) -> None:
         """Finish running and queued requests, then refuse new ones."""
         with self._lock:
-            engines, self._engines = list(self._engines.values()), OrderedDict()
+            engines, self._engines, self._closed = list(self._engines.values()), OrderedDict(), True
         for engine in engines:
             engine.scheduler.close(timeout)
 

@@ -352,3 +352,35 @@ def test_remote_images_are_never_fetched_from_local_or_private_addresses(url):
 
     with pytest.raises(ApiError, match="private or local"):
         ImagePolicy(allow_remote=True).load([url])
+
+
+def test_at_most_two_models_stay_loaded_and_the_evicted_one_is_closed():
+    from apps.server import Engine, Engines
+    from apps.server_errors import ApiError
+
+    closed = []
+
+    class Scheduler:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self, timeout=None):
+            closed.append(self.name)
+
+    class Counted(Engines):
+        def _load(self, name):
+            return Engine(model=None, scheduler=Scheduler(name))
+
+    engines = Counted({"a": "a", "b": "b", "c": "c"}, capacity=2, max_batch=4, trust_remote_code=False, dtype="float32")
+    for name in ("a", "b", "a", "c"):
+        engines.get(name)
+    assert engines.loaded() == ["a", "c"]
+    deadline = time.monotonic() + 5
+    while closed != ["b"] and time.monotonic() < deadline:  # closed in the background
+        time.sleep(0.01)
+    assert closed == ["b"]
+    with pytest.raises(ApiError, match="unknown model") as refused:
+        engines.get("../../etc")
+    assert refused.value.status == 404
+    engines.close()
+    assert sorted(closed) == ["a", "b", "c"] and engines.loaded() == []
