@@ -12,7 +12,10 @@ The server binds to 127.0.0.1 unless told otherwise (another address needs
 `MAX_FILE_SIZE`, deletes uploads an hour after they arrive, runs at most `concurrency`
 requests at a time, and shows errors as one line without server paths.
 Search results are sent as pictures, never as file paths the browser could ask for, and
-only files the index holds inside its folder are opened. Chat text is only ever text:
+only files the index holds inside its folder are opened. Searches share one
+SearchService (apps/search_service.py): concurrent queries are encoded in one batch and
+results are cached thumbnails, so a search takes milliseconds and runs beside the chat
+and caption requests instead of queueing behind them. Chat text is only ever text:
 the only files a request reads are ones uploaded to the app (apps/web_safety.py).
 
 The `/chat` API (gradio_client: `predict(message, model, history=[...], api_name="/chat")`)
@@ -20,6 +23,7 @@ is stateless: each call answers `message` after the `history` it is given (defau
 whatever the client's session holds.
 """
 
+import hashlib
 import logging
 import os
 import threading
@@ -28,8 +32,10 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 
+from apps.search_service import SearchService
 from apps.web_safety import (
     LOOPBACK_HOSTS,
     SameOriginOnly,
@@ -46,7 +52,6 @@ from retrieval.store import MANIFEST, read_manifest
 from vlm import download
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
-from vlm.data.webdataset import image_source
 from vlm.errors import ImageError, VlmError
 from vlm.hub import WEIGHTS_DIR, model_kind, resolve_dir, shipped_names
 from vlm.images import load_image
@@ -60,7 +65,8 @@ MAX_IMAGES_PER_MESSAGE = 4
 MAX_IMAGES_PER_REQUEST = 16  # a conversation's images, all turns
 MAX_REQUEST_PIXELS = 32_000_000  # decoded pixels per request: 8000x8000 alone would be 64M
 MODELS_LOADED = 2
-CONCURRENCY = 2  # requests run at once; the rest queue
+CONCURRENCY = 2  # chat and caption requests run at once; the rest queue
+SEARCH_CONCURRENCY = 32  # searches run at once (they mostly wait for the shared, batched CLIP)
 UPLOAD_MAX_AGE = 3600  # seconds an upload is kept
 
 
@@ -176,22 +182,38 @@ def history_to_turns(history: list[dict]) -> tuple[list[tuple[str, str]], list[s
     return turns, images
 
 
-def served_pictures(engine: Searcher, hits) -> list[tuple]:
-    """(picture, "score  relative path") per hit the index holds inside its folder and that
-    still reads; the others are left out and logged."""
+def served_pictures(engine: SearchService | Searcher, hits) -> list[tuple]:
+    """(thumbnail file, "score  relative path") per hit the index holds inside its folder
+    and that still reads; the others are left out and logged. The thumbnails are cached
+    by `engine` and written once into Gradio's cache folder, which Gradio serves as is
+    (no re-encoding or copying per request)."""
     pictures = []
     for hit in hits:
-        path = engine.resolve(hit.path)
-        if path is None:
+        try:
+            thumbnail = engine.thumbnail(hit.path)
+        except KeyError:
             log.warning("not serving %s: it resolves outside the indexed folder", hit.path)
             continue
-        try:
-            picture = load_image(image_source(str(path)))
-        except (ImageError, VlmError) as e:
+        except VlmError as e:
             log.warning("search hit skipped: %s", e)
             continue
-        pictures.append((picture, f"{hit.score:.3f}  {os.path.relpath(hit.path, engine.root)}"))
+        file = _thumbnail_file(thumbnail, Path(hit.path).stem)
+        pictures.append((file, f"{hit.score:.3f}  {os.path.relpath(hit.path, engine.root)}"))
     return pictures
+
+
+def _thumbnail_file(data: bytes, stem: str) -> str:
+    """`data` as a JPEG file in Gradio's cache folder, named by its hash; written once and
+    touched on reuse (the app's delete_cache ages files by their change time)."""
+    path = Path(get_upload_folder()) / "vlmstack-thumbnails" / hashlib.sha256(data).hexdigest()[:32] / f"{stem}.jpg"
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{threading.get_ident()}")
+        staging.write_bytes(data)
+        os.replace(staging, path)  # concurrent writers of the same picture never expose half a file
+    return str(path)
 
 
 def build_app(
@@ -217,26 +239,26 @@ def build_app(
     sources = vqa_model_sources(list(models))
     names = list(sources)
     loaded = Models(sources, trust_remote_code=trust_remote_code, dtype=dtype)
-    searcher_cache: list[Searcher] = []
-    searcher_lock = threading.Lock()
+    service_cache: list[SearchService] = []
+    service_lock = threading.Lock()
 
-    def searcher() -> Searcher:
-        with searcher_lock:  # two first searches must not both build the default index
-            if not searcher_cache:
-                searcher_cache.append(Searcher.open(index or default_index()))
-            return searcher_cache[0]
+    def search_service() -> SearchService:
+        with service_lock:  # two first searches must not both build the default index
+            if not service_cache:
+                service_cache.append(SearchService(index=index or default_index()))
+            return service_cache[0]
 
     @readable_errors
     def search(query: str, image: str | None, k: float):
         query = (query or "").strip()
         if not query and image is None:
             raise gr.Error("Type a query, add an image, or both.")
-        engine = searcher()
+        engine = search_service()
         if image is not None:
             [picture] = load_uploads([image], max_images=1, max_pixels=MAX_REQUEST_PIXELS)
-            hits = engine.search_image(picture, k=int(k), text=query or None)
+            hits = engine.search_image(picture, int(k), text=query or None)
         else:
-            hits = engine.search_text(query, k=int(k))
+            hits = engine.search_text(query, int(k))
         return served_pictures(engine, hits)
 
     @readable_errors
@@ -316,8 +338,11 @@ def build_app(
             )
             search_button = gr.Button("Search", variant="primary")
             gallery = gr.Gallery(label="Results (score, path)", columns=6, height="auto")
-            search_button.click(search, [query, query_image, k], gallery, api_name="search")
-            query.submit(search, [query, query_image, k], gallery, api_name=False)
+            # Searches have their own concurrency group: they must not wait behind the
+            # CONCURRENCY chat and caption requests, and the shared CLIP batches them.
+            searching = {"concurrency_limit": SEARCH_CONCURRENCY, "concurrency_id": "search"}
+            search_button.click(search, [query, query_image, k], gallery, api_name="search", **searching)
+            query.submit(search, [query, query_image, k], gallery, api_name=False, **searching)
         with gr.Tab("Chat"):
             model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
             gr.ChatInterface(

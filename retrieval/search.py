@@ -6,7 +6,8 @@
 
 The model is the one the index was built with; passing another (`model=`) is an error
 naming both. Scores are cosine similarities; paths are absolute and always inside the
-indexed folder.
+indexed folder. `searcher.thumbnail(hit.path)` gives a cached JPEG thumbnail of a file
+the index holds, and refuses any other path.
 """
 
 import logging
@@ -19,6 +20,7 @@ import numpy as np
 from retrieval import store
 from retrieval.query import parse_query
 from retrieval.spec import apply_search_params
+from retrieval.thumbnails import Thumbnails
 from vlm.clip import Clip, load_clip
 from vlm.errors import VlmError
 from vlm.images import ImageSource
@@ -39,6 +41,7 @@ class Searcher:
         self.root = Path(manifest.root)
         self._meta = meta
         self._lock = threading.Lock()  # one sqlite connection, shared by the app's threads
+        self._thumbnails = Thumbnails()
 
     @classmethod
     def open(cls, index_dir: str | Path, *, model: str | None = None) -> "Searcher":
@@ -126,6 +129,19 @@ class Searcher:
         with self._lock:
             found = self._meta.execute("SELECT 1 FROM files WHERE path = ?", (relative,)).fetchone()
         return self.root / relative if found else None
+
+    def thumbnail(self, path: str | Path) -> bytes:
+        """JPEG bytes of a small thumbnail of an indexed file, cached (see retrieval.thumbnails).
+
+        Raises:
+            KeyError: `path` is not a file the index holds inside its folder (checked against
+                the index's own paths before anything is opened: no `..` or symlink way out).
+            VlmError: the file cannot be read as an image.
+        """
+        resolved = self.resolve(path)
+        if resolved is None:
+            raise KeyError(f"not an indexed file: {str(path)[:200]}")
+        return self._thumbnails.get(resolved)
 
     def close(self) -> None:
         self._meta.close()
