@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.helpers import draw_shape, logged_losses, open_gates, prompt_sensitive, vlm_batch
+from tests.helpers import draw_shape, logged_losses, one_error_line, open_gates, prompt_sensitive, vlm_batch
 from vlm import hub
 from vlm.adapters import ADAPTER_FILE, lora_layers, merge_adapter, set_adapter_enabled
 from vlm.errors import VlmError
@@ -131,3 +131,32 @@ def test_a_run_resumes_from_its_checkpoint(llava_base, styled_captions, tmp_path
 def test_the_test_split_is_never_trained_on(llava_base, tmp_path):
     with pytest.raises(VlmError, match="evaluation only"):
         finetune(llava_base, "easyvqa:test", tmp_path / "adapter", options=quick())
+
+
+def test_cli_finetune_eval_and_merge_and_a_wrong_base_in_one_line(llava_base, styled_captions, tmp_path, capsys):
+    from vlm.cli import main
+
+    adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    args = ["--data", str(styled_captions), "--out", adapter, "--lora-rank", "2", "--epochs", "1", "--batch-size", "8"]
+    assert main(["finetune", llava_base, *args, "--lora-targets", "q_proj", "v_proj"]) == 0
+    assert "adapter for" in capsys.readouterr().out
+    assert json.loads((tmp_path / "adapter" / hub.CONFIG_FILE).read_text())["settings"]["targets"] == [
+        "q_proj",
+        "v_proj",
+    ]
+
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text(
+        json.dumps({"image": "images/red-circle-0.png", "question": "what shape?", "answer": "circle"}) + "\n"
+    )
+    assert main(["eval", "vqa", "--model", adapter, "--data", str(vqa), "--quantize", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 1
+
+    other = load_vlm(llava_base)
+    with torch.no_grad():
+        other.projector[0].bias.add_(0.01)
+    other.save(tmp_path / "other")
+    assert main(["merge", adapter, "--out", merged, "--base", str(tmp_path / "other")]) == 2
+    assert "use the model it was fine-tuned from" in one_error_line(capsys.readouterr().err)
+    assert main(["merge", adapter, "--out", merged]) == 0
+    assert hub.model_kind(tmp_path / "merged") == "llava"

@@ -79,7 +79,7 @@ def _eval(args) -> None:
         from vlm.eval.clip import evaluate_clip
 
         records = caption_records(args.data)[: args.limit]
-        metrics = evaluate_clip(load_clip(args.model), records, batch_size=args.batch_size)
+        metrics = evaluate_clip(load_clip(args.model, precision=_precision(args)), records, batch_size=args.batch_size)
     else:
         from vlm.data.sources import vqa_records
         from vlm.eval.vqa import evaluate_vqa
@@ -89,29 +89,31 @@ def _eval(args) -> None:
             raise VlmError("--shot-data must not be the test split: few-shot examples come from training data")
         records = vqa_records(args.data)[: args.limit]
         shots = vqa_records(args.shot_data) if args.shots else None
-        model = load_vlm(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+        model = load_vlm(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, quantize=args.quantize)
         metrics = evaluate_vqa(model, records, batch_size=args.batch_size, shots=args.shots, shot_pool=shots)
     print(json.dumps(metrics))
 
 
 def _index(args) -> None:
     from retrieval import build_index, shards, update_index
+    from vlm.quantize import clip_precision
 
     if args.action == "build" and shards.is_embeddings(args.folder):
         if args.model or args.engine != "local":
             raise VlmError(f"{args.folder} is already embedded (with its own model): drop --model and --engine")
         report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec)
     elif args.action == "build":
-        report = build_index(
-            args.folder,
-            args.out,
-            model=args.model or "clip-easyvqa",
-            spec=args.index_spec,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            engine=args.engine,
-            ray_address=args.ray_address,
-        )
+        with clip_precision(_local_precision(args)):  # retrieval loads the CLIP by name
+            report = build_index(
+                args.folder,
+                args.out,
+                model=args.model or "clip-easyvqa",
+                spec=args.index_spec,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                engine=args.engine,
+                ray_address=args.ray_address,
+            )
     else:
         report = update_index(args.index, batch_size=args.batch_size, workers=args.workers)
     print(report.summary())
@@ -136,17 +138,19 @@ def _search(args) -> None:
 
 def _embed(args) -> None:
     from retrieval.shards import embed_to_shards
+    from vlm.quantize import clip_precision
 
-    report = embed_to_shards(
-        args.source,
-        args.out,
-        model=args.model,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        engine=args.engine,
-        ray_address=args.ray_address,
-    )
+    with clip_precision(_local_precision(args)):  # retrieval loads the CLIP by name
+        report = embed_to_shards(
+            args.source,
+            args.out,
+            model=args.model,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            engine=args.engine,
+            ray_address=args.ray_address,
+        )
     print(report.summary())
 
 
@@ -160,9 +164,9 @@ def _caption(args) -> None:
     if download.is_hub_spec(model):  # once here, not in every Ray actor
         model = str(download.download(model))
     if args.engine == "local":
-        model = load_vlm(model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    elif args.trust_remote_code or args.dtype != "float32":
-        raise VlmError("--trust-remote-code and --dtype work with --engine local only")
+        model = load_vlm(model, trust_remote_code=args.trust_remote_code, dtype=args.dtype, quantize=args.quantize)
+    elif args.trust_remote_code or args.dtype != "float32" or args.quantize:
+        raise VlmError("--trust-remote-code, --dtype and --quantize work with --engine local only")
     report = caption_folder(
         args.folder,
         model=model,
@@ -215,6 +219,38 @@ def _serve(args) -> None:
     )
 
 
+def _finetune(args) -> None:
+    from vlm.finetune import FinetuneOptions, default_train_config, finetune
+
+    train = default_train_config()
+    for name in ("epochs", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(train, name, getattr(args, name))
+    options = FinetuneOptions(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        targets=args.lora_targets,
+        train_projector=args.train_projector,
+        quantize_base=args.quantize_base,
+        train=train,
+    )
+    card = finetune(
+        args.model, args.data, args.out, options=options, resume=args.resume, trust_remote_code=args.trust_remote_code
+    )
+    print(
+        f"{args.out}: adapter for {card['base']}, {card['adapter_parameters']:,} parameters "
+        f"({100 * card['adapter_share']:.2f}% of {card['base_parameters']:,}), trained in {card['train_seconds']} s"
+    )
+    print(json.dumps(card["validation"]))
+
+
+def _merge(args) -> None:
+    from vlm.adapters import merge_adapter
+
+    merge_adapter(args.adapter, args.out, base=args.base)
+    print(f"{args.out}: {args.adapter} merged into its base")
+
+
 def _export(args) -> None:
     from vlm.hf_llava import export_model
 
@@ -255,19 +291,43 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_loading_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_loading_arguments(parser: argparse.ArgumentParser, *, quantize: bool = True) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow a model whose LM runs Python code saved with it (imported OpenFlamingo-3B's MPT); "
         "that code runs with your permissions",
     )
+    _precision_arguments(parser, quantize=quantize)
+
+
+def _precision_arguments(parser: argparse.ArgumentParser, *, quantize: bool = True) -> None:
     parser.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16"],
         help="compute dtype; bfloat16 halves the memory where the CPU computes it natively (else float32, warned)",
     )
+    if quantize:
+        parser.add_argument(
+            "--quantize",
+            default=None,
+            choices=["int8"],
+            help="int8: dynamic int8 linear layers (float32 elsewhere; falls back to float32 without int8 kernels)",
+        )
+
+
+def _precision(args):
+    from vlm.quantize import Precision
+
+    return Precision(dtype=args.dtype, quantize=args.quantize)
+
+
+def _local_precision(args):
+    """The precision of a CLIP that retrieval loads by name; Ray actors load their own in float32."""
+    if args.engine != "local" and (args.dtype != "float32" or args.quantize):
+        raise VlmError("--dtype and --quantize work with --engine local only")
+    return _precision(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)"
         )
     _engine_arguments(build)
+    _precision_arguments(build)
     index.set_defaults(run=_index)
 
     embed = commands.add_parser(
@@ -346,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=whole(0), default=2, help="image decoding processes (Ray actors with --engine ray)"
     )
     _engine_arguments(embed)
+    _precision_arguments(embed)
     embed.set_defaults(run=_embed)
 
     search = commands.add_parser("search", help="search an index by text and/or example image")
@@ -398,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)"
     )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
-    _model_loading_arguments(app)
+    _model_loading_arguments(app, quantize=False)
     app.set_defaults(run=_app)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API: chat with images, embeddings, search")
@@ -421,8 +483,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only)"
     )
     serve.add_argument("--max-batch", type=whole(1, 256), default=16, help="chat requests generated together")
-    _model_loading_arguments(serve)
+    _model_loading_arguments(serve, quantize=False)
     serve.set_defaults(run=_serve)
+
+    tune = commands.add_parser("finetune", help="LoRA-fine-tune a VQA model on your images; writes a small adapter")
+    tune.add_argument("model", help="base: shipped name, LLaVA/Flamingo directory, HF LLaVA directory or hf:ORG/NAME")
+    tune.add_argument(
+        "--data",
+        required=True,
+        help="captions .jsonl/.csv, LLaVA conversations .json, VQA .jsonl/.csv, a folder of images with .txt "
+        "captions beside them, or easyvqa:train",
+    )
+    tune.add_argument("--out", required=True, help="adapter directory (run directory while training)")
+    tune.add_argument("--lora-rank", type=whole(1, 1024), default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    tune.add_argument(
+        "--lora-targets", nargs="+", default=None, help="LM Linear layer names (default: all of its decoder's)"
+    )
+    tune.add_argument(
+        "--train-projector",
+        action="store_true",
+        help="also train the projector (LLaVA) or resampler and cross-attention (Flamingo) in full",
+    )
+    tune.add_argument(
+        "--quantize-base", default=None, choices=["int8"], help="hold the frozen LM in int8 (QLoRA-style)"
+    )
+    tune.add_argument("--epochs", type=whole(1), default=None, help="passes over the data (default 3)")
+    tune.add_argument("--batch-size", type=whole(1), default=None, help="default 16")
+    tune.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    tune.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a base whose LM runs Python code saved with it"
+    )
+    tune.set_defaults(run=_finetune)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model directory")
+    merge.add_argument("adapter", help="adapter directory from `vlmstack finetune`")
+    merge.add_argument("--out", required=True, help="model directory to write")
+    merge.add_argument("--base", default=None, help="where its base is now, if moved (must have the same weights)")
+    merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="write a LLaVA model as a Hugging Face checkpoint (transformers, vLLM)")
     export.add_argument("model", help="shipped name or LLaVA model directory")

@@ -140,9 +140,14 @@ class Clip(nn.Module):
         """(N, context_length) token ids; longer texts are cut to the context."""
         return self.tokenizer(list(texts))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the image tower computes in (bfloat16 after a bfloat16 load)."""
+        return next(self.model.visual.parameters()).dtype
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D), L2-normalised."""
-        return self.model.encode_image(pixels, normalize=True)
+        return self.model.encode_image(pixels.to(self.dtype), normalize=True)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, D), L2-normalised (pooled at the end-of-text token)."""
@@ -179,12 +184,22 @@ def build_clip(arch: str) -> Clip:
     return Clip(config=clip_config(arch))
 
 
-def load_clip(spec: str) -> Clip:
+def load_clip(spec: str, *, precision=None) -> Clip:
     """Load a CLIP by shipped name, model directory, "open_clip:ARCH/TAG" or "open_clip:ARCH@PATH".
 
+    Args:
+        precision: a vlm.quantize.Precision (bfloat16, int8); None: the one set by
+            vlm.quantize.clip_precision, by default float32.
     Raises:
         VlmError: unknown name, missing file, or weights that don't fit the architecture.
     """
+    from vlm.quantize import current_clip_precision
+
+    clip = _load_clip(spec).eval()
+    return (precision or current_clip_precision()).apply(clip)
+
+
+def _load_clip(spec: str) -> Clip:
     if spec.startswith(OPEN_CLIP_PREFIX):
         clip = _load_open_clip(spec[len(OPEN_CLIP_PREFIX) :])
     else:
@@ -201,7 +216,7 @@ def load_clip(spec: str) -> Clip:
             clip = Clip(config=from_dict(ClipConfig, config, str(directory / hub.CONFIG_FILE)))
         hub.load_module(directory, clip.model)
         clip.fingerprint = hub.file_fingerprint(directory / hub.WEIGHTS_FILE)
-    return clip.eval()
+    return clip
 
 
 def _load_open_clip(rest: str) -> Clip:

@@ -51,7 +51,13 @@ def load_vlm(spec: str, *, trust_remote_code: bool = False, dtype: str = "float3
     torch_dtype = compute_dtype(dtype)
     check_quantize(quantize, torch_dtype)
     model = _load(spec, trust_remote_code, dtype, torch_dtype)
-    return quantize_int8(model) if quantize == "int8" else model
+    if quantize != "int8":
+        return model
+    if any(".lora_" in name for name, _ in model.named_parameters()):  # an adapter: int8 layers hold no LoRA branch
+        from vlm.adapters import merge_lora
+
+        merge_lora(model)
+    return quantize_int8(model)
 
 
 def _load(spec: str, trust_remote_code: bool, dtype: str, torch_dtype: torch.dtype):

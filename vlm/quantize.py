@@ -6,7 +6,8 @@ nn.Linear gets int8 weights (per output channel) and quantises its input per bat
 the matrix products run on the CPU's int8 kernels (fbgemm / x86 with AVX2 or VNNI).
 Measured here (2 cores, AVX512-VNNI, torch 2.14.1): a 768x3072 MLP 4x faster than
 float32 on a batch, 6x on one token; torchao 0.18's int8 configs were slower than
-torch.ao on this CPU (no fused int8 CPU kernel), so torchao is not used.
+torch.ao on this CPU (no fused int8 CPU kernel), so torchao is not used. torch 2.14 marks torch.ao's quantized tensors deprecated (to be
+removed in a later release; torch is pinned to 2.14.1 here): torchao is where this moves.
 
 Where the int8 kernels are missing, `quantize_int8` leaves the model in float32 and
 warns naming the missing kernel. nn.MultiheadAttention's projections (open_clip's
@@ -17,7 +18,11 @@ Training cannot go through torch.ao's quantised layers (no gradient to their inp
 get their gradients while the frozen base takes a quarter of the memory.
 """
 
+import contextlib
 import logging
+import warnings
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +60,9 @@ def int8_engine() -> str | None:
     for engine in engines:
         try:
             torch.backends.quantized.engine = engine
-            quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(probe), {nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", (UserWarning, DeprecationWarning))
+                quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(probe), {nn.Linear}, dtype=torch.qint8)
             quantized(torch.randn(2, 8))
             return engine
         except RuntimeError as e:
@@ -69,10 +76,60 @@ def int8_engine() -> str | None:
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Every nn.Linear of `model` (vision tower, projector, LM, CLIP towers) as a dynamic
-    int8 linear layer, in place; returns the model (unchanged where int8 kernels are missing)."""
+    int8 linear layer with per-output-channel weight scales, in place; returns the model
+    (unchanged where int8 kernels are missing)."""
     if int8_engine() is None:
         return model
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    spec = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():  # torch 2.14 deprecates torch.ao; the pin keeps it (see above)
+        warnings.simplefilter("ignore", (UserWarning, DeprecationWarning))
+        torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            module.int8_original_dtype = torch.float32  # open_clip asks its MLPs for their dtype by this name
+    return model
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model computes at inference: --dtype and --quantize."""
+
+    dtype: str = "float32"  # "float32" or "bfloat16" (vlm.load.compute_dtype)
+    quantize: str | None = None  # None or "int8"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """`model` cast and/or quantised in place (falls back to float32 with a warning
+        where the CPU lacks bfloat16 or int8 kernels); returns it.
+
+        Raises:
+            VlmError: an unknown dtype or quantize value, or int8 with bfloat16.
+        """
+        from vlm.load import compute_dtype
+
+        if self == Precision():
+            return model
+        dtype = compute_dtype(self.dtype)
+        check_quantize(self.quantize, dtype)
+        model.to(dtype)
+        return quantize_int8(model) if self.quantize == "int8" else model
+
+
+_clip_precision: ContextVar[Precision] = ContextVar("clip_precision", default=Precision())
+
+
+@contextlib.contextmanager
+def clip_precision(precision: Precision):
+    """Within it, load_clip loads CLIPs in `precision` unless told otherwise: for code
+    that loads a CLIP by name itself (retrieval's index build and embed)."""
+    token = _clip_precision.set(precision)
+    try:
+        yield
+    finally:
+        _clip_precision.reset(token)
+
+
+def current_clip_precision() -> Precision:
+    return _clip_precision.get()
 
 
 class Int8Linear(nn.Linear):
