@@ -160,3 +160,18 @@ def test_cli_finetune_eval_and_merge_and_a_wrong_base_in_one_line(llava_base, st
     assert "use the model it was fine-tuned from" in one_error_line(capsys.readouterr().err)
     assert main(["merge", adapter, "--out", merged]) == 0
     assert hub.model_kind(tmp_path / "merged") == "llava"
+
+
+def test_a_hugging_face_llava_checkpoint_takes_an_adapter_and_merges(styled_captions, tmp_path):
+    from tests.test_hf_llava import save_tiny_hf_llava
+
+    save_tiny_hf_llava(tmp_path / "hf", hidden_act="quick_gelu", feature_layer=-2, strategy="default", family="qwen2")
+    base = str(tmp_path / "hf")
+    card = finetune(base, str(styled_captions), tmp_path / "adapter", options=quick(rank=2, train_projector=True))
+    assert card["base"] == base and card["adapter_share"] < 0.2
+
+    adapted = load_vlm(str(tmp_path / "adapter"))
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    merged = load_vlm(str(tmp_path / "merged"))
+    batch = vlm_batch(merged, TURNS, [draw_shape("red", "circle")])
+    torch.testing.assert_close(scores(merged, batch), scores(adapted, batch), atol=1e-4, rtol=1e-4)
