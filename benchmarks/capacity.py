@@ -28,12 +28,12 @@ from benchmarks.search import clustered_vectors
 SHARD = 500_000
 
 
-def write_shards(folder: Path, count: int, dim: int) -> None:
+def write_shards(folder: Path, count: int, dim: int, *, shard_size: int = SHARD) -> None:
     from retrieval.shards import MANIFEST
 
     folder.mkdir(parents=True)
-    for number, start in enumerate(range(0, count, SHARD)):
-        n = min(SHARD, count - start)
+    for number, start in enumerate(range(0, count, shard_size)):
+        n = min(shard_size, count - start)
         np.save(folder / f"{number:05d}.npy", clustered_vectors(n, dim, seed=number + 1))
         rows = (
             json.dumps({"path": f"{start + i:09d}.jpg", "mtime": 0.0, "size": 0, "sha256": f"{start + i:064x}"})
@@ -46,7 +46,7 @@ def write_shards(folder: Path, count: int, dim: int) -> None:
         "model": "synthetic",
         "model_fingerprint": "-",
         "dim": dim,
-        "shard_size": SHARD,
+        "shard_size": shard_size,
         "count": count,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest))

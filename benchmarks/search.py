@@ -86,7 +86,8 @@ def scale(count: int, dim: int = 512, k: int = 10) -> dict:
     queries = clustered_vectors(1000, dim, seed=2)  # new points around the same centres, not indexed ones
     spec = auto_spec(count, dim)
     index, build_seconds = timed(build_faiss, vectors, spec)
-    params, tune_seconds = timed(tune_search, index, vectors)
+    tuning, tune_seconds = timed(tune_search, index, vectors)
+    params = tuning.params
     exact = faiss.IndexFlatIP(dim)
     exact.add(vectors)
     exact_ids, exact_qps = one_at_a_time(exact, queries[:100], k)

@@ -44,6 +44,7 @@ class IndexReport:
     count: int = 0  # distinct images in the index now
     files: int = 0  # files in the index now
     index_spec: str = ""
+    shortfall: str = ""  # one line when search tuning did not reach its recall target
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -52,7 +53,8 @@ class IndexReport:
             f"{self.added} added, {self.changed} changed, {self.unchanged} unchanged, {self.removed} removed, "
             f"{self.duplicates} duplicates, {len(self.failed)} unreadable, in {self.seconds:.1f} s"
         )
-        return text + "".join(f"\n  unreadable: {reason}" for reason in self.failed)
+        text += "".join(f"\n  unreadable: {reason}" for reason in self.failed)
+        return text + (f"\nwarning: {self.shortfall}" if self.shortfall else "")
 
 
 def build_index(
@@ -61,6 +63,7 @@ def build_index(
     *,
     model: str = DEFAULT_MODEL,
     spec: str = "auto",
+    max_memory: int = 0,
     batch_size: int = 256,
     workers: int = 2,
     engine: str = "local",
@@ -69,6 +72,8 @@ def build_index(
 ) -> IndexReport:
     """Index every image under `folder` into the new index directory `out`.
 
+    `max_memory`: bytes the FAISS structure may take in RAM, which decides the "auto"
+    spec (spec.auto_spec); 0 = half the machine's RAM. Kept for updates.
     `workers`: DataLoader decoding processes (local engine) or Ray actors (engine "ray",
     on the cluster at `ray_address`, default a local Ray).
 
@@ -89,7 +94,12 @@ def build_index(
     index_spec.check_spec(spec, clip.embed_dim)  # before the long part, not after it
     with store.new_index(out):
         manifest = store.Manifest(
-            root=str(folder), model=model, model_fingerprint=clip.fingerprint, dim=clip.embed_dim, index_spec=spec
+            root=str(folder),
+            model=model,
+            model_fingerprint=clip.fingerprint,
+            dim=clip.embed_dim,
+            index_spec=spec,
+            max_memory=max_memory,
         )
         empty = store.IndexData(np.zeros((0, clip.embed_dim), np.float32), [], [])
         embed = embedder(
@@ -194,15 +204,24 @@ def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, embed, *, p
         raise VlmError(f"{root}: none of the {len(report.failed)} images could be read{first}")
 
     data = store.IndexData(np.asarray(vectors, np.float32).reshape(-1, manifest.dim), hashes, kept_files)
-    # "auto" is chosen again at every update, as the index grows.
-    spec = index_spec.auto_spec(len(hashes), manifest.dim) if manifest.index_spec == "auto" else manifest.index_spec
+    spec = choose_spec(manifest, len(hashes))
     manifest.built_spec = spec
-    index = index_spec.build_faiss(data.vectors, spec)
-    manifest.search_params = index_spec.tune_search(index, data.vectors)
+    index = index_spec.build(data.vectors, spec)
+    tuning = index_spec.tune_search(index, data.vectors)
+    manifest.search_params = tuning.params
     store.save(out, manifest, data, index)
     report.count, report.files, report.index_spec = len(hashes), len(kept_files), spec
+    report.shortfall = tuning.shortfall or ""
     report.seconds = time.perf_counter() - started
     return report
+
+
+def choose_spec(manifest: store.Manifest, count: int) -> str:
+    """The manifest's spec, or for "auto" the one for `count` vectors within its memory
+    budget (chosen again at every update, as the index grows)."""
+    if manifest.index_spec != "auto":
+        return manifest.index_spec
+    return index_spec.auto_spec(count, manifest.dim, max_memory=manifest.max_memory or None)
 
 
 def _contents(

@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval import spec as index_spec
 from retrieval import store
-from retrieval.index import DEFAULT_MODEL, IndexReport
+from retrieval.index import DEFAULT_MODEL, IndexReport, choose_spec
 from retrieval.scan import content_hash, scan_folder
 from vlm.atomic import atomic_path, write_json, write_text
 from vlm.clip import load_clip
@@ -315,11 +315,15 @@ def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
 
 
 def build_index_from_shards(
-    folder: str | Path, out: str | Path, *, spec: str = "auto", progress: bool = True
+    folder: str | Path, out: str | Path, *, spec: str = "auto", max_memory: int = 0, progress: bool = True
 ) -> IndexReport:
     """An index (as `index build` makes) from the shards of `vlmstack embed`.
 
-    Byte-identical inputs share one vector; unreadable ones are left out.
+    Byte-identical inputs share one vector; unreadable ones are left out. The distinct
+    vectors stream from the memory-mapped shards into the index's vectors.npy, and the
+    index is trained on a sample and filled a chunk at a time from that file, so RAM never
+    holds every vector at once: peak RAM is about the FAISS structure plus its training
+    sample. `max_memory` as for retrieval.build_index.
 
     Raises:
         VlmError: the embeddings are unfinished or damaged; `out` already holds an index,
@@ -351,33 +355,54 @@ def build_index_from_shards(
                 files.append((row.path, row.mtime, row.size, content_id[row.sha256]))
                 row_in_shard += 1
             readable.append(row_in_shard)
-        # Second pass: copy the chosen vectors out of the memory-mapped shards.
-        vectors = np.empty((len(hashes), emb.dim), np.float32)
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for target, (number, row) in enumerate(picks):
-            by_shard.setdefault(number, []).append((target, row))
-        for number, pairs in by_shard.items():
-            shard = _read_vectors(folder / f"{_shard_name(number)}.npy", readable[number], emb.dim)
-            targets, rows = zip(*pairs)
-            vectors[list(targets)] = shard[list(rows)]
+        # Second pass: stream the chosen vectors out of the memory-mapped shards, in order.
+        vectors = _stream_vectors(folder, out / store.VECTORS_TMP, picks, readable, emb.dim)
         if not hashes:
             raise VlmError(f"{folder}: no readable images were embedded")
 
-        built = index_spec.auto_spec(len(hashes), emb.dim) if spec == "auto" else spec
         manifest = store.Manifest(
             root=emb.source,
             model=emb.model,
             model_fingerprint=emb.model_fingerprint,
             dim=emb.dim,
             index_spec=spec,
-            built_spec=built,
+            max_memory=max_memory,
             source=emb.kind,
         )
-        index = index_spec.build_faiss(vectors, built)
-        manifest.search_params = index_spec.tune_search(index, vectors)
+        built = manifest.built_spec = choose_spec(manifest, len(hashes))
+        index = index_spec.build(vectors, built)
+        tuning = index_spec.tune_search(index, vectors)
+        manifest.search_params, report.shortfall = tuning.params, tuning.shortfall or ""
         files.sort()
         store.save(out, manifest, store.IndexData(vectors, hashes, files), index)
     report.added, report.count, report.files, report.index_spec = len(files), len(hashes), len(files), built
     report.duplicates = len(files) - len(hashes)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _stream_vectors(folder: Path, path: Path, picks: list[tuple[int, int]], readable: list[int], dim: int):
+    """Write the (shard, row) `picks` in order into the .npy at `path`, one shard at a
+    time, and return it memory-mapped. `picks` run through the shards in order."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False,
+                "shape": (len(picks), dim),
+            },
+        )
+        start = 0
+        while start < len(picks):
+            number = picks[start][0]
+            stop = start
+            while stop < len(picks) and picks[stop][0] == number:
+                stop += 1
+            shard = _read_vectors(folder / f"{_shard_name(number)}.npy", readable[number], dim)
+            rows = [row for _, row in picks[start:stop]]
+            for at in range(0, len(rows), index_spec.CHUNK):
+                np.ascontiguousarray(shard[rows[at : at + index_spec.CHUNK]], np.float32).tofile(f)
+            del shard
+            start = stop
+    return np.load(path, mmap_mode="r")

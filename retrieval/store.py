@@ -7,10 +7,12 @@
       v000003/
         index.faiss        the FAISS index; its ids are content ids
         vectors.npy        (contents, dim) float32 embeddings, so an update re-indexes
-                           without re-embedding
+                           without re-embedding, and a lossy index (SQ, PQ) re-ranks its
+                           candidates exactly (memory-mapped, see spec.Refined)
         meta.sqlite        contents(id, sha256) and files(path, mtime, size, content_id)
 
-A save writes a complete new version folder under a name no entry has yet, then switches
+A build from shards streams the vectors into INDEX/.vectors.tmp.npy (never all in RAM);
+the save moves that file into the version folder. A save writes a complete new version folder under a name no entry has yet, then switches
 manifest.json to it in one atomic rename, then deletes the older versions. A crash at any
 point leaves the previous manifest pointing at the previous, complete version.
 
@@ -34,7 +36,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from retrieval.spec import MAX_SEARCH_BREADTH, SEARCH_PARAMETERS
+from retrieval.spec import MAX_SEARCH_BREADTH, SEARCH_PARAMETERS, Refined
 from vlm.atomic import write_json
 from vlm.data.folders import printable
 from vlm.errors import VlmError
@@ -47,6 +49,7 @@ LOCK = ".writer.lock"
 SOURCES = ("folder", "webdataset")
 VERSION_NAME = re.compile(r"v[0-9]{6}")
 VERSION_FILES = {"index.faiss", "vectors.npy", "meta.sqlite", "meta.sqlite-journal"}
+VECTORS_TMP = ".vectors.tmp.npy"  # a streamed build's vectors, until save moves them into a version
 REBUILD = "rebuild the index with `vlmstack index build`"
 
 
@@ -58,7 +61,8 @@ class Manifest:
     dim: int  # embedding dimension
     index_spec: str  # what was asked for: "auto" or a FAISS index_factory string
     built_spec: str = ""  # the index_factory string actually built ("auto" resolved by size)
-    search_params: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}
+    max_memory: int = 0  # bytes the FAISS structure may take in RAM (spec.auto_spec); 0: half the machine's
+    search_params: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}; "k_factor": re-ranked (spec.Refined)
     source: str = "folder"  # "folder" (updatable) or "webdataset" (paths are shard.tar#member)
     count: int = 0  # distinct images (contents) indexed
     files: int = 0  # files indexed; > count when byte-identical duplicates exist
@@ -120,6 +124,7 @@ def _manifest_problem(m: Manifest) -> str | None:
         (m.count >= 0, f"count must not be negative, not {m.count}"),
         (m.files >= m.count and (m.count > 0 or m.files == 0), f"count {m.count} and files {m.files} disagree"),
         (m.version >= 1, f"version must be at least 1, not {m.version}"),
+        (m.max_memory >= 0, f"max_memory must not be negative, not {m.max_memory}"),
     ]
     for name, value in m.search_params.items():
         checks.append(
@@ -132,7 +137,9 @@ def _manifest_problem(m: Manifest) -> str | None:
     return next((problem for ok, problem in checks if not ok), None)
 
 
-def read_faiss(index_dir: Path, manifest: Manifest) -> faiss.Index:
+def read_faiss(index_dir: Path, manifest: Manifest):
+    """The version's FAISS index; a `spec.Refined` over its memory-mapped vectors.npy when
+    the manifest's search parameters re-rank (`k_factor`)."""
     path = version_dir(index_dir, manifest.version) / "index.faiss"
     try:
         index = faiss.read_index(str(path))
@@ -142,6 +149,8 @@ def read_faiss(index_dir: Path, manifest: Manifest) -> faiss.Index:
         raise VlmError(
             f"{path}: holds {index.ntotal} x {index.d} vectors, manifest says {manifest.count} x {manifest.dim}"
         )
+    if "k_factor" in manifest.search_params:
+        return Refined(base=index, vectors=read_vectors(index_dir, manifest, mmap=True))
     return index
 
 
@@ -181,22 +190,33 @@ def read_data(index_dir: Path, manifest: Manifest) -> IndexData:
     Raises:
         VlmError: the vectors or the metadata store are damaged or disagree with the manifest.
     """
+    vectors = read_vectors(index_dir, manifest)
+    path = version_dir(index_dir, manifest.version) / "meta.sqlite"
+    with contextlib.closing(connect_meta(index_dir, manifest)) as db:
+        try:
+            hashes = [h for (h,) in db.execute("SELECT sha256 FROM contents ORDER BY id")]
+            files = list(db.execute("SELECT path, mtime, size, content_id FROM files ORDER BY path"))
+        except sqlite3.DatabaseError as e:
+            raise VlmError(f"{path}: damaged metadata store ({e}); {REBUILD}") from None
+    return IndexData(vectors, hashes, files)
+
+
+def read_vectors(index_dir: Path, manifest: Manifest, *, mmap: bool = False) -> np.ndarray:
+    """The version's (count, dim) float32 vectors, in RAM or memory-mapped.
+
+    Raises:
+        VlmError: the file is missing, damaged, or disagrees with the manifest.
+    """
     path = version_dir(index_dir, manifest.version) / "vectors.npy"
     try:
-        vectors = np.load(path, allow_pickle=False)
+        vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise VlmError(f"{path}: damaged vectors ({e}); {REBUILD}") from None
     if vectors.dtype != np.float32 or vectors.shape != (manifest.count, manifest.dim):
         raise VlmError(
             f"{path}: holds {vectors.shape} {vectors.dtype}, the manifest says ({manifest.count}, {manifest.dim}) float32; {REBUILD}"
         )
-    with contextlib.closing(connect_meta(index_dir, manifest)) as db:
-        try:
-            hashes = [h for (h,) in db.execute("SELECT sha256 FROM contents ORDER BY id")]
-            files = list(db.execute("SELECT path, mtime, size, content_id FROM files ORDER BY path"))
-        except sqlite3.DatabaseError as e:
-            raise VlmError(f"{path.with_name('meta.sqlite')}: damaged metadata store ({e}); {REBUILD}") from None
-    return IndexData(vectors, hashes, files)
+    return vectors
 
 
 def writer_lock(index_dir: Path):
@@ -246,7 +266,7 @@ def check_new_index(out: Path) -> None:
 
 def _written_by_index(entry: Path) -> bool:
     """The lock, a version folder, or a half-written manifest (vlm.atomic's temporary file)."""
-    if entry.name == LOCK or _is_version(entry):
+    if entry.name in (LOCK, VECTORS_TMP) or _is_version(entry):
         return True
     return entry.name.startswith(f".{MANIFEST}.") and entry.name.endswith(".tmp") and entry.is_file()
 
@@ -258,10 +278,11 @@ def _is_version(entry: Path) -> bool:
     return all(child.name in VERSION_FILES and child.is_file() and not child.is_symlink() for child in entry.iterdir())
 
 
-def save(index_dir: Path, manifest: Manifest, data: IndexData, index: faiss.Index) -> Manifest:
-    """Write `data` and `index` as the next version, make it current, delete the older
-    versions. The caller holds the writer lock. Returns the new manifest (counts, version
-    and timestamps filled in)."""
+def save(index_dir: Path, manifest: Manifest, data: IndexData, index) -> Manifest:
+    """Write `data` and `index` (FAISS, or a spec.Refined one) as the next version, make it
+    current, delete the older versions. Vectors memory-mapped from INDEX/.vectors.tmp.npy
+    are moved, not copied. The caller holds the writer lock. Returns the new manifest
+    (counts, version and timestamps filled in)."""
     index_dir = Path(index_dir)
     manifest.version = manifest.version + 1
     while os.path.lexists(version_dir(index_dir, manifest.version)):  # never write into what is there
@@ -271,9 +292,13 @@ def save(index_dir: Path, manifest: Manifest, data: IndexData, index: faiss.Inde
     manifest.created = manifest.created or manifest.updated
     folder = version_dir(index_dir, manifest.version)
     folder.mkdir()
-    np.save(folder / "vectors.npy", np.ascontiguousarray(data.vectors, dtype=np.float32))
+    streamed = index_dir / VECTORS_TMP
+    if isinstance(data.vectors, np.memmap) and streamed.exists() and os.path.samefile(data.vectors.filename, streamed):
+        os.replace(streamed, folder / "vectors.npy")
+    else:
+        np.save(folder / "vectors.npy", np.ascontiguousarray(data.vectors, dtype=np.float32))
     _write_meta(folder / "meta.sqlite", data)
-    faiss.write_index(index, str(folder / "index.faiss"))
+    faiss.write_index(index.base if isinstance(index, Refined) else index, str(folder / "index.faiss"))
     write_json(index_dir / MANIFEST, asdict(manifest))  # the commit point
     for entry in index_dir.iterdir():
         if entry != folder and _is_version(entry):

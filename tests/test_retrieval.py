@@ -8,7 +8,7 @@ import torch
 
 from retrieval import Searcher, build_index, store, update_index
 from retrieval.query import parse_query
-from retrieval.spec import apply_search_params, auto_spec, build_faiss, tune_search
+from retrieval.spec import Refined, apply_search_params, auto_spec, build_faiss, exact_neighbours, tune_search
 from tests.helpers import draw_shape
 from vlm.errors import VlmError
 
@@ -192,10 +192,13 @@ def test_an_absurd_query_weight_is_refused_in_one_line(weight):
     assert "\n" not in str(error.value) and len(str(error.value)) < 200
 
 
-def test_auto_spec_grows_with_size():
-    assert auto_spec(1_000, 512) == "Flat"
-    assert auto_spec(1_000_000, 512) == "IVF4096,Flat"
-    assert auto_spec(50_000_000, 512).startswith("IVF") and "PQ64" in auto_spec(50_000_000, 512)
+def test_auto_spec_grows_with_size_within_the_memory_budget():
+    gib = 2**30
+    assert auto_spec(1_000, 512, max_memory=12 * gib) == "Flat"
+    assert auto_spec(1_000_000, 512, max_memory=12 * gib) == "IVF4096,Flat"
+    assert auto_spec(1_000_000, 512, max_memory=1 * gib) == "IVF4096,SQ8"  # 2 GB of floats > 1 GiB
+    assert auto_spec(10_000_000, 512, max_memory=12 * gib) == "IVF16384,SQ8"  # 5 GB of 8-bit codes
+    assert auto_spec(50_000_000, 512, max_memory=12 * gib) == "OPQ64,IVF32768,PQ64"  # 25 GB of SQ8 > 12 GiB
 
 
 def _clustered(rng, centers: np.ndarray, count: int) -> np.ndarray:
@@ -221,4 +224,55 @@ def test_tuned_ivf_search_finds_95_percent_of_the_exact_top_10_for_new_queries()
     # Wide clusters over 64 lists: a query's true neighbours span several lists, so
     # probing one list (an untuned index) misses about a fifth of them.
     assert recall_at_10({"nprobe": 1}) < 0.9
-    assert recall_at_10(tune_search(index, vectors)) >= 0.95
+    assert recall_at_10(tune_search(index, vectors).params) >= 0.95
+
+
+def _recall(index, queries: np.ndarray, exact: np.ndarray) -> float:
+    found = index.search(queries, 10)[1]
+    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))
+
+
+def test_refining_a_pq_index_with_the_stored_vectors_restores_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(32, 64))
+    vectors, queries = _clustered(rng, centers, 4_000), _clustered(rng, centers, 200)
+    exact = exact_neighbours(queries, vectors, 10)
+    pq = build_faiss(vectors, "IVF16,PQ8")  # 8 bytes for 64 floats: coarse codes
+    refined = Refined(base=pq, vectors=vectors)
+
+    pq_only = tune_search(pq, vectors)
+    with_refine = tune_search(refined, vectors)
+    # What refine buys: the widest PQ search stays far below the target; re-scoring its
+    # candidates exactly reaches it, on new queries too.
+    assert pq_only.params == {"nprobe": 16} and pq_only.recall < 0.7 and _recall(pq, queries, exact) < 0.7
+    assert with_refine.shortfall is None and "k_factor" in with_refine.params
+    assert _recall(refined, queries, exact) >= 0.95
+    scores = refined.search(queries[:1], 10)[0][0]
+    np.testing.assert_allclose(scores, np.sort(vectors @ queries[0])[::-1][:10], rtol=1e-5)  # exact scores
+
+
+def test_the_tuner_says_in_one_line_when_it_cannot_reach_its_recall_target(caplog):
+    rng = np.random.default_rng(0)
+    vectors = _clustered(rng, rng.normal(size=(32, 64)), 4_000)
+    with caplog.at_level("WARNING"):
+        tuning = tune_search(build_faiss(vectors, "IVF16,PQ4"), vectors)
+    assert tuning.shortfall is not None and "\n" not in tuning.shortfall
+    assert f"recall@10 {tuning.recall:.3f} (target 0.97)" in tuning.shortfall and "nprobe=16" in tuning.shortfall
+    assert tuning.shortfall in caplog.text
+
+
+def test_a_lossy_index_from_shards_streams_its_vectors_and_searches_refined(tmp_path):
+    from benchmarks.capacity import write_shards
+    from retrieval.shards import build_index_from_shards
+
+    write_shards(tmp_path / "emb", 6_000, 64, shard_size=2_500)
+    report = build_index_from_shards(tmp_path / "emb", tmp_path / "index", spec="IVF16,SQ4", progress=False)
+    manifest = store.read_manifest(tmp_path / "index")
+    index = store.read_faiss(tmp_path / "index", manifest)
+    assert isinstance(index, Refined) and isinstance(index.vectors, np.memmap)
+    assert report.shortfall == "" and "k_factor" in manifest.search_params
+    assert not (tmp_path / "index" / store.VECTORS_TMP).exists()
+    vectors = store.read_vectors(tmp_path / "index", manifest)
+    queries = vectors[:50] + 0.01
+    apply_search_params(index, manifest.search_params)
+    assert _recall(index, queries, exact_neighbours(queries, vectors, 10)) >= 0.95
