@@ -33,6 +33,19 @@ def whole(low: int, high: int | None = None):
     return parse
 
 
+def memory_size(text: str) -> int:
+    """An argparse type: bytes, written as 12G, 512M, 64K or a plain number of bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = 0
+    if not value >= 1 or value > 2**50:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 12G, 512M or 64K")
+    return int(value)
+
+
 def score(text: str) -> float:
     """An argparse type: a cosine similarity, -1 to 1."""
     try:
@@ -101,7 +114,7 @@ def _index(args) -> None:
     if args.action == "build" and shards.is_embeddings(args.folder):
         if args.model or args.engine != "local":
             raise VlmError(f"{args.folder} is already embedded (with its own model): drop --model and --engine")
-        report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec)
+        report = shards.build_index_from_shards(args.folder, args.out, spec=args.index_spec, max_memory=args.max_memory)
     elif args.action == "build":
         with clip_precision(_local_precision(args)):  # retrieval loads the CLIP by name
             report = build_index(
@@ -109,6 +122,7 @@ def _index(args) -> None:
                 args.out,
                 model=args.model or "clip-easyvqa",
                 spec=args.index_spec,
+                max_memory=args.max_memory,
                 batch_size=args.batch_size,
                 workers=args.workers,
                 engine=args.engine,
@@ -380,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="CLIP model (default: clip-easyvqa; an embeddings folder keeps its own)"
     )
     build.add_argument("--index-spec", default="auto", help="FAISS index_factory string, or auto (by size)")
+    build.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default=0,
+        help="RAM the index may take, e.g. 8G: decides auto's Flat / SQ8 / PQ codes (default: half this machine's)",
+    )
     update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
     update.add_argument("index", help="index directory")
     for sub in (build, update):
