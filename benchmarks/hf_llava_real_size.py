@@ -232,6 +232,34 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def vlmstack_refusal(directory: Path, dtype: torch.dtype) -> str | None:
+    """The one-line error with which load_vlm refuses the checkpoint, or None when it loads."""
+    try:
+        load_ours(directory, dtype)
+    except Exception as e:  # noqa: BLE001 (any refusal is reported, whatever its type)
+        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def bypass_siglip_size_check() -> None:
+    """Temporary, with --bypass-siglip-size-check: vlm/siglip.py requires image_size to be a
+    multiple of patch_size, which the real checkpoint's 384 and 14 are not (its patch conv, as
+    transformers', drops the last 6 pixels: 27 x 27 patches). Validate with the size floored."""
+    from vlm import siglip
+
+    check = siglip.SiglipConfig.__post_init__
+
+    def floored(config):
+        size = config.image_size
+        config.image_size = size - size % config.patch_size
+        try:
+            check(config)
+        finally:
+            config.image_size = size
+
+    siglip.SiglipConfig.__post_init__ = floored
+
+
 def load_ours(directory: Path, dtype: torch.dtype):
     from vlm.load import load_vlm
 
@@ -283,13 +311,15 @@ def load_worker(loader: str, directory: Path, dtype: torch.dtype) -> None:
     )
 
 
-def measure_loads(directory: Path, dtype_name: str, loaders: list[str], repeats: int = REPEATS) -> dict:
+def measure_loads(
+    directory: Path, dtype_name: str, loaders: list[str], repeats: int = REPEATS, worker_flags: list[str] = ()
+) -> dict:
     """Per loader, the runs of `repeats` fresh subprocesses (alternating loaders) and their medians."""
     runs = {name: [] for name in loaders}
     for _ in range(repeats):
         for name in loaders:
             command = [sys.executable, "-m", "benchmarks.hf_llava_real_size", "--load-worker", name]
-            command += ["--checkpoint", str(directory), "--dtype", dtype_name]
+            command += ["--checkpoint", str(directory), "--dtype", dtype_name, *worker_flags]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 raise SystemExit(f"{name} load failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -466,6 +496,26 @@ def float32_lines(float32: dict | None, sides: list[str]) -> list[str]:
     ]
 
 
+def refusal_lines(data: dict) -> list[str]:
+    """What vlmstack said about the checkpoint when it did not simply load it."""
+    if data["bypassed_siglip_size_check"]:
+        return [
+            f"**vlmstack at {data['vlmstack_commit']} refuses this checkpoint**: `{data['vlmstack_refusal']}` "
+            "(384 / 14 is not whole; the real tower's patch conv drops the last 6 pixels, 27 x 27 patches). "
+            "The vlmstack figures below were measured with `--bypass-siglip-size-check`, which only lets "
+            "that validation pass (floored size); the rest is vlmstack's code as committed.",
+            "",
+        ]
+    if data["transformers_only"]:
+        reason = (
+            f"vlmstack refused the checkpoint: `{data['vlmstack_refusal']}`"
+            if data["vlmstack_refusal"]
+            else ("run with --transformers-only")
+        )
+        return [f"**Transformers only** ({reason}).", ""]
+    return []
+
+
 def report(data: dict, dtype_name: str, transformers_only: bool) -> list[str]:
     gen, loads, bound = data["generation"], data["loads"], data["bandwidth_bound"]
     sides = ["vlmstack", "transformers"] if not transformers_only else ["transformers"]
@@ -516,13 +566,12 @@ def report(data: dict, dtype_name: str, transformers_only: bool) -> list[str]:
         "gelu projector, Qwen1.5-0.5B-Chat LM (24 layers, width 1024, 16 heads, vocabulary 152000, tied "
         f"embeddings); {data['parameters'] / 1e9:.2f} B parameters stored in bfloat16 in the hub's key layout "
         f"({data['checkpoint_bytes'] / 2**30:.2f} GiB). Compute dtype **{dtype_name}** for both "
-        f"({data['dtype_reason']}). Tokens of one image + question in the LM: {data['prompt_tokens']}.",
+        f"({data['dtype_reason']}). Tokens of one image + question in the LM: {data['prompt_tokens']}. "
+        f"vlmstack at commit {data['vlmstack_commit']}"
+        + (f" with uncommitted changes in {data['vlmstack_uncommitted']}" if data["vlmstack_uncommitted"] else "")
+        + ".",
         "",
-        *(
-            ["**Transformers only: vlmstack could not load SigLIP towers / take `dtype=` yet in this run.**", ""]
-            if transformers_only
-            else []
-        ),
+        *refusal_lines(data),
         f"## Side by side ({NEW_TOKENS} forced new tokens; medians of {REPEATS} runs, batch 8: of "
         f"{BATCH_REPEATS[8]}; the two sides alternate)",
         "",
@@ -561,15 +610,16 @@ def report(data: dict, dtype_name: str, transformers_only: bool) -> list[str]:
         "splits text into more tokens than Qwen's would, which lengthens the question by a few tokens next "
         "to the 729 image tokens.",
         "",
-        f"Load average (1 min) at the end of the run: {data['load_average_1min']:.1f} on 2 cores; above 2, other "
+        f"Load average (1 min) at the start and end of the run: {data['load_average_1min_at_start']:.1f}, "
+        f"{data['load_average_1min']:.1f} on 2 cores; above 2, other "
         "work shared the CPU and the timings are low and noisy. OpenMP threads wait passively "
         f"(`OMP_WAIT_POLICY={data['omp_wait_policy']}`, see the script).",
     ]
 
 
-def float32_batch_1(directory: Path, loaders: list[str], processor, bound: float) -> dict:
+def float32_batch_1(directory: Path, loaders: list[str], processor, bound: float, worker_flags: list[str]) -> dict:
     """The same comparison in float32, shorter: one load each, batch 1 only."""
-    loads = measure_loads(directory, "float32", loaders, repeats=1)
+    loads = measure_loads(directory, "float32", loaders, repeats=1, worker_flags=worker_flags)
     theirs = load_theirs(directory, torch.float32)
     ours = load_ours(directory, torch.float32) if "vlmstack" in loaders else None
     return {
@@ -585,6 +635,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 where native")
     parser.add_argument("--transformers-only", action="store_true", help="skip vlmstack (before it loads SigLIP)")
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 batch-1 comparison")
+    parser.add_argument(
+        "--bypass-siglip-size-check",
+        action="store_true",
+        help="temporary: let vlmstack load image_size 384 / patch_size 14 (see bypass_siglip_size_check)",
+    )
     parser.add_argument("--load-worker", choices=tuple(LOADERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from vlm.train.trainer import native_bf16
@@ -597,19 +652,30 @@ def main() -> None:
         dtype_name, reason = "float32", "this CPU has no native bfloat16"
     dtype = getattr(torch, dtype_name)
     if args.load_worker:
+        if args.bypass_siglip_size_check:
+            bypass_siglip_size_check()
         load_worker(args.load_worker, args.checkpoint, dtype)
         return
     torch.set_num_threads(2)
+    load_at_start = os.getloadavg()[0]
     build_checkpoint(args.checkpoint)
     from transformers import AutoProcessor
 
-    loaders = ["transformers"] if args.transformers_only else ["vlmstack", "transformers"]
+    refusal = None if args.transformers_only else vlmstack_refusal(args.checkpoint, dtype)
+    if refusal and args.bypass_siglip_size_check:
+        bypass_siglip_size_check()
+        still = vlmstack_refusal(args.checkpoint, dtype)
+        if still:
+            raise SystemExit(f"vlmstack still refuses the checkpoint with the bypass: {still}")
+    transformers_only = args.transformers_only or (refusal is not None and not args.bypass_siglip_size_check)
+    worker_flags = ["--bypass-siglip-size-check"] if args.bypass_siglip_size_check else []
+    loaders = ["transformers"] if transformers_only else ["vlmstack", "transformers"]
     bandwidth = copy_bandwidth()
-    loads = measure_loads(args.checkpoint, dtype_name, loaders)
+    loads = measure_loads(args.checkpoint, dtype_name, loaders, worker_flags=worker_flags)
     processor = AutoProcessor.from_pretrained(str(args.checkpoint))
     processor.tokenizer.padding_side = "left"
     theirs = load_theirs(args.checkpoint, dtype)
-    ours = None if args.transformers_only else load_ours(args.checkpoint, dtype)
+    ours = None if transformers_only else load_ours(args.checkpoint, dtype)
     generation = measure_generation(ours, theirs, processor)
     per_token = lm_bytes_per_token(theirs)
     parameters = sum(p.numel() for p in theirs.parameters())
@@ -619,13 +685,21 @@ def main() -> None:
     if dtype_name == "bfloat16" and not args.no_float32:
         del ours, theirs
         gc.collect()
-        float32 = float32_batch_1(args.checkpoint, loaders, processor, bandwidth / (2 * per_token))
+        float32 = float32_batch_1(args.checkpoint, loaders, processor, bandwidth / (2 * per_token), worker_flags)
     text = CONFIG["text_config"]
     data = {
         "checkpoint": str(args.checkpoint),
         "dtype": dtype_name,
         "dtype_reason": reason,
-        "transformers_only": args.transformers_only,
+        "transformers_only": transformers_only,
+        "vlmstack_commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+        "vlmstack_uncommitted": subprocess.run(  # the working tree is shared with other work
+            ["git", "status", "--short", "--", "vlm"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.split("\n")[:-1],
+        "vlmstack_refusal": refusal,
+        "bypassed_siglip_size_check": bool(refusal and args.bypass_siglip_size_check),
         "sources": SOURCES,
         "parameters": parameters,
         "checkpoint_bytes": (args.checkpoint / "model.safetensors").stat().st_size,
@@ -643,10 +717,11 @@ def main() -> None:
         },
         "float32": float32,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average_1min_at_start": load_at_start,
         "load_average_1min": os.getloadavg()[0],  # other work on the machine makes the timings noisy
     }
     title = "Real-size HF LLaVA (llava-interleave-qwen-0.5b shape): vlmstack vs transformers"
-    write_report("hf_llava_real_size", title, report(data, dtype_name, args.transformers_only), data)
+    write_report("hf_llava_real_size", title, report(data, dtype_name, transformers_only), data)
     print(json.dumps({k: data[k] for k in ("loads", "generation", "bandwidth_bound")}, indent=1, default=str))
 
 
