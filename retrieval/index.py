@@ -64,6 +64,8 @@ def build_index(
     model: str = DEFAULT_MODEL,
     spec: str = "auto",
     max_memory: int = 0,
+    backend: str = "faiss",
+    milvus_uri: str = "",
     batch_size: int = 256,
     workers: int = 2,
     engine: str = "local",
@@ -74,6 +76,8 @@ def build_index(
 
     `max_memory`: bytes the FAISS structure may take in RAM, which decides the "auto"
     spec (spec.auto_spec); 0 = half the machine's RAM. Kept for updates.
+    `backend`: "faiss" (the index directory holds the index) or "milvus" (the vectors go
+    to a collection at `milvus_uri`, see retrieval.milvus).
     `workers`: DataLoader decoding processes (local engine) or Ray actors (engine "ray",
     on the cluster at `ray_address`, default a local Ray).
 
@@ -90,6 +94,7 @@ def build_index(
             f"{folder}: webdataset shards are indexed in two steps: `vlmstack embed {folder} --out EMB`, then `vlmstack index build EMB`"
         )
     store.check_new_index(out)  # before loading the model
+    milvus_uri = check_backend(backend, milvus_uri, spec)
     clip = load_clip(model)
     index_spec.check_spec(spec, clip.embed_dim)  # before the long part, not after it
     with store.new_index(out):
@@ -100,6 +105,8 @@ def build_index(
             dim=clip.embed_dim,
             index_spec=spec,
             max_memory=max_memory,
+            backend=backend,
+            milvus_uri=milvus_uri,
         )
         empty = store.IndexData(np.zeros((0, clip.embed_dim), np.float32), [], [])
         embed = embedder(
@@ -204,16 +211,57 @@ def _sync(out: Path, manifest: store.Manifest, old: store.IndexData, embed, *, p
         raise VlmError(f"{root}: none of the {len(report.failed)} images could be read{first}")
 
     data = store.IndexData(np.asarray(vectors, np.float32).reshape(-1, manifest.dim), hashes, kept_files)
-    spec = choose_spec(manifest, len(hashes))
-    manifest.built_spec = spec
-    index = index_spec.build(data.vectors, spec)
-    tuning = index_spec.tune_search(index, data.vectors)
-    manifest.search_params = tuning.params
+    index, tuning = search_index(out, manifest, data.vectors)
     store.save(out, manifest, data, index)
-    report.count, report.files, report.index_spec = len(hashes), len(kept_files), spec
+    report.count, report.files, report.index_spec = len(hashes), len(kept_files), manifest.built_spec
     report.shortfall = tuning.shortfall or ""
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_backend(backend: str, milvus_uri: str, spec: str) -> str:
+    """The Milvus URI to record (a Lite file made absolute), after checking that Milvus
+    answers there — before any long work; "" for FAISS.
+
+    Raises:
+        VlmError: an unknown backend, a missing or unreachable URI, or an --index-spec
+            (a FAISS setting) with milvus.
+    """
+    if backend == "faiss":
+        if milvus_uri:
+            raise VlmError("--milvus-uri needs --backend milvus")
+        return ""
+    if backend != "milvus":
+        raise VlmError(f"unknown backend {backend!r}; choose from faiss, milvus")
+    if not milvus_uri:
+        raise VlmError("--backend milvus needs --milvus-uri (http://HOST:19530, or a Milvus Lite file like ./index.db)")
+    if spec != "auto":
+        raise VlmError("--index-spec is a FAISS setting; with --backend milvus leave it out")
+    from retrieval import milvus
+
+    milvus_uri = milvus.resolve_uri(milvus_uri)
+    milvus.connect(milvus_uri)
+    return milvus_uri
+
+
+def search_index(out: Path, manifest: store.Manifest, vectors: np.ndarray):
+    """(index, spec.Tuning): what searches `vectors` for the index at `out` — a FAISS index
+    (the manifest's spec) or a new Milvus collection — with its search breadth tuned.
+    Sets the manifest's built_spec and search_params."""
+    if manifest.backend == "milvus":
+        from retrieval import milvus
+
+        prefix = manifest.collection.rsplit("_", 1)[0] if manifest.collection else milvus.collection_prefix(out)
+        index = milvus.write_collection(
+            manifest.milvus_uri, prefix, vectors, model=manifest.model, fingerprint=manifest.model_fingerprint
+        )
+        manifest.built_spec = f"milvus {index.index_type}"
+    else:
+        manifest.built_spec = choose_spec(manifest, len(vectors))
+        index = index_spec.build(vectors, manifest.built_spec)
+    tuning = index_spec.tune_search(index, vectors)
+    manifest.search_params = tuning.params
+    return index, tuning
 
 
 def choose_spec(manifest: store.Manifest, count: int) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval import spec as index_spec
 from retrieval import store
-from retrieval.index import DEFAULT_MODEL, IndexReport, choose_spec
+from retrieval.index import DEFAULT_MODEL, IndexReport, check_backend, search_index
 from retrieval.scan import content_hash, scan_folder
 from vlm.atomic import atomic_path, write_json, write_text
 from vlm.clip import load_clip
@@ -315,7 +315,14 @@ def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
 
 
 def build_index_from_shards(
-    folder: str | Path, out: str | Path, *, spec: str = "auto", max_memory: int = 0, progress: bool = True
+    folder: str | Path,
+    out: str | Path,
+    *,
+    spec: str = "auto",
+    max_memory: int = 0,
+    backend: str = "faiss",
+    milvus_uri: str = "",
+    progress: bool = True,
 ) -> IndexReport:
     """An index (as `index build` makes) from the shards of `vlmstack embed`.
 
@@ -323,7 +330,9 @@ def build_index_from_shards(
     vectors stream from the memory-mapped shards into the index's vectors.npy, and the
     index is trained on a sample and filled a chunk at a time from that file, so RAM never
     holds every vector at once: peak RAM is about the FAISS structure plus its training
-    sample. `max_memory` as for retrieval.build_index.
+    sample. `max_memory`, `backend` and `milvus_uri` as for retrieval.build_index: with
+    milvus, the shards' vectors are bulk-loaded into a new collection, INSERT_ROWS at a
+    time, in the same streamed pass.
 
     Raises:
         VlmError: the embeddings are unfinished or damaged; `out` already holds an index,
@@ -339,6 +348,8 @@ def build_index_from_shards(
             f"{folder}: {len(missing)} of {shards} shards unfinished; run `vlmstack embed` again to finish them"
         )
     index_spec.check_spec(spec, emb.dim)
+    store.check_new_index(out)
+    milvus_uri = check_backend(backend, milvus_uri, spec)
     with store.new_index(out):
         # First pass, metadata only: which rows are distinct contents.
         hashes, files, content_id, picks, readable, report = [], [], {}, [], [], IndexReport()
@@ -368,11 +379,11 @@ def build_index_from_shards(
             index_spec=spec,
             max_memory=max_memory,
             source=emb.kind,
+            backend=backend,
+            milvus_uri=milvus_uri,
         )
-        built = manifest.built_spec = choose_spec(manifest, len(hashes))
-        index = index_spec.build(vectors, built)
-        tuning = index_spec.tune_search(index, vectors)
-        manifest.search_params, report.shortfall = tuning.params, tuning.shortfall or ""
+        index, tuning = search_index(out, manifest, vectors)
+        built, report.shortfall = manifest.built_spec, tuning.shortfall or ""
         files.sort()
         store.save(out, manifest, store.IndexData(vectors, hashes, files), index)
     report.added, report.count, report.files, report.index_spec = len(files), len(hashes), len(files), built

@@ -234,7 +234,7 @@ def tune_search(
     refine = {"k_factor": MAX_K_FACTOR} if isinstance(index, Refined) else {}
     params, recall = dict(refine), 0.0
     if name is not None:
-        limit = faiss.extract_index_ivf(base).nlist if name == "nprobe" else 4096
+        limit = _breadth_limit(base, name)
         value = 1
         while True:
             params = {name: value, **refine}
@@ -283,6 +283,10 @@ def apply_search_params(index, params: dict) -> None:
         VlmError: a parameter that this kind of index does not have.
     """
     base = index.base if isinstance(index, Refined) else index
+    if not isinstance(base, faiss.Index):  # another engine (milvus.MilvusIndex) sets its own
+        for name, value in params.items():
+            base.set_search_param(name, value)
+        return
     space = faiss.ParameterSpace()
     for name, value in params.items():
         try:
@@ -298,10 +302,18 @@ def apply_search_params(index, params: dict) -> None:
             ) from None
 
 
-def _breadth_parameter(index: faiss.Index) -> str | None:
+def _breadth_parameter(index) -> str | None:
+    if not isinstance(index, faiss.Index):
+        return index.breadth_parameter
     try:
         faiss.extract_index_ivf(index)
         return "nprobe"
     except RuntimeError:
         pass
     return "efSearch" if "HNSW" in type(index).__name__ else None
+
+
+def _breadth_limit(index, name: str) -> int:
+    if not isinstance(index, faiss.Index):
+        return index.breadth_limit
+    return faiss.extract_index_ivf(index).nlist if name == "nprobe" else 4096

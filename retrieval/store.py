@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".writer.lock"
 SOURCES = ("folder", "webdataset")
+BACKENDS = ("faiss", "milvus")
 VERSION_NAME = re.compile(r"v[0-9]{6}")
 VERSION_FILES = {"index.faiss", "vectors.npy", "meta.sqlite", "meta.sqlite-journal"}
 VECTORS_TMP = ".vectors.tmp.npy"  # a streamed build's vectors, until save moves them into a version
@@ -64,6 +65,9 @@ class Manifest:
     max_memory: int = 0  # bytes the FAISS structure may take in RAM (spec.auto_spec); 0: half the machine's
     search_params: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}; "k_factor": re-ranked (spec.Refined)
     source: str = "folder"  # "folder" (updatable) or "webdataset" (paths are shard.tar#member)
+    backend: str = "faiss"  # where the vectors are searched: "faiss" (index.faiss) or "milvus" (retrieval.milvus)
+    milvus_uri: str = ""  # the Milvus server (http://host:port) or Milvus Lite file (.db), for backend milvus
+    collection: str = ""  # the Milvus collection holding this version's vectors
     count: int = 0  # distinct images (contents) indexed
     files: int = 0  # files indexed; > count when byte-identical duplicates exist
     version: int = 0  # current version folder number
@@ -125,6 +129,11 @@ def _manifest_problem(m: Manifest) -> str | None:
         (m.files >= m.count and (m.count > 0 or m.files == 0), f"count {m.count} and files {m.files} disagree"),
         (m.version >= 1, f"version must be at least 1, not {m.version}"),
         (m.max_memory >= 0, f"max_memory must not be negative, not {m.max_memory}"),
+        (m.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, not {m.backend!r}"),
+        (
+            m.backend != "milvus" or bool(m.milvus_uri and m.collection),
+            "a milvus index needs milvus_uri and collection",
+        ),
     ]
     for name, value in m.search_params.items():
         checks.append(
@@ -138,8 +147,20 @@ def _manifest_problem(m: Manifest) -> str | None:
 
 
 def read_faiss(index_dir: Path, manifest: Manifest):
-    """The version's FAISS index; a `spec.Refined` over its memory-mapped vectors.npy when
-    the manifest's search parameters re-rank (`k_factor`)."""
+    """The version's searchable index: FAISS; a `spec.Refined` over its memory-mapped
+    vectors.npy when the manifest's search parameters re-rank (`k_factor`); or, for the
+    milvus backend, its checked `milvus.MilvusIndex`."""
+    if manifest.backend == "milvus":
+        from retrieval import milvus
+
+        return milvus.open_collection(
+            manifest.milvus_uri,
+            manifest.collection,
+            dim=manifest.dim,
+            count=manifest.count,
+            fingerprint=manifest.model_fingerprint,
+            where=str(index_dir),
+        )
     path = version_dir(index_dir, manifest.version) / "index.faiss"
     try:
         index = faiss.read_index(str(path))
@@ -279,8 +300,9 @@ def _is_version(entry: Path) -> bool:
 
 
 def save(index_dir: Path, manifest: Manifest, data: IndexData, index) -> Manifest:
-    """Write `data` and `index` (FAISS, or a spec.Refined one) as the next version, make it
-    current, delete the older versions. Vectors memory-mapped from INDEX/.vectors.tmp.npy
+    """Write `data` and `index` (FAISS, a spec.Refined one, or a milvus.MilvusIndex already
+    loaded, which the manifest then names) as the next version, make it current, delete
+    the older versions (and older Milvus collections). Vectors memory-mapped from INDEX/.vectors.tmp.npy
     are moved, not copied. The caller holds the writer lock. Returns the new manifest
     (counts, version and timestamps filled in)."""
     index_dir = Path(index_dir)
@@ -298,8 +320,13 @@ def save(index_dir: Path, manifest: Manifest, data: IndexData, index) -> Manifes
     else:
         np.save(folder / "vectors.npy", np.ascontiguousarray(data.vectors, dtype=np.float32))
     _write_meta(folder / "meta.sqlite", data)
-    faiss.write_index(index.base if isinstance(index, Refined) else index, str(folder / "index.faiss"))
+    if manifest.backend == "milvus":
+        manifest.collection = index.collection
+    else:
+        faiss.write_index(index.base if isinstance(index, Refined) else index, str(folder / "index.faiss"))
     write_json(index_dir / MANIFEST, asdict(manifest))  # the commit point
+    if manifest.backend == "milvus":
+        index.drop_others()
     for entry in index_dir.iterdir():
         if entry != folder and _is_version(entry):
             shutil.rmtree(entry, ignore_errors=True)
