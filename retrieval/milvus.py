@@ -50,6 +50,10 @@ def connect(uri: str):
         ) from None
     if "://" not in uri and not uri.endswith(".db"):
         raise VlmError(f"--milvus-uri {uri!r}: give http://HOST:PORT, or a Milvus Lite file ending in .db")
+    if "://" not in uri:
+        # Milvus Lite serves pymilvus in-process; pymilvus calls AllocTimestamp, which Lite
+        # does not implement, and grpc logs a traceback for it (the call's failure is harmless).
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     try:
         client = MilvusClient(uri=uri, timeout=10)
         client.list_collections()

@@ -123,6 +123,8 @@ def _index(args) -> None:
                 model=args.model or "clip-easyvqa",
                 spec=args.index_spec,
                 max_memory=args.max_memory,
+                backend=args.backend,
+                milvus_uri=args.milvus_uri or "",
                 batch_size=args.batch_size,
                 workers=args.workers,
                 engine=args.engine,
@@ -399,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=memory_size,
         default=0,
         help="RAM the index may take, e.g. 8G: decides auto's Flat / SQ8 / PQ codes (default: half this machine's)",
+    )
+    build.add_argument(
+        "--backend",
+        default="faiss",
+        choices=["faiss", "milvus"],
+        help="where vectors are searched: faiss (in the index directory) or milvus (a collection at --milvus-uri); "
+        "update, search, the app and the server follow the index",
+    )
+    build.add_argument(
+        "--milvus-uri", default=None, help="Milvus server (http://HOST:19530) or Milvus Lite file (./photos.db)"
     )
     update = actions.add_parser("update", help="embed new and changed files, drop deleted ones")
     update.add_argument("index", help="index directory")
