@@ -54,10 +54,11 @@ class SiglipConfig:
     schema_version: int = schema_field()
 
     def __post_init__(self):
-        if self.image_size % self.patch_size or self.width % self.heads:
+        # image_size need not be a multiple of patch_size (so400m: 384 / 14 -> 27 x 27 patches, the rest unused)
+        if self.image_size < self.patch_size or self.width % self.heads:
             raise ValueError(
-                f"SigLIP image_size {self.image_size} must be a multiple of patch_size {self.patch_size}, "
-                f"width {self.width} of heads {self.heads}"
+                f"SigLIP image_size {self.image_size} must be at least patch_size {self.patch_size}, "
+                f"width {self.width} a multiple of heads {self.heads}"
             )
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
