@@ -20,7 +20,9 @@ the only files a request reads are ones uploaded to the app (apps/web_safety.py)
 
 The `/chat` API (gradio_client: `predict(message, model, history=[...], api_name="/chat")`)
 is stateless: each call answers `message` after the `history` it is given (default none),
-whatever the client's session holds.
+whatever the client's session holds. With `--api` the same process also serves
+`vlmstack serve`'s OpenAI-compatible API under `API_PATH` (/openai/v1/...), its searches on
+the app's SearchService.
 """
 
 import hashlib
@@ -34,6 +36,7 @@ import gradio as gr
 import torch
 from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
+from starlette.routing import Mount
 
 from apps.search_service import SearchService
 from apps.web_safety import (
@@ -68,6 +71,7 @@ MODELS_LOADED = 2
 CONCURRENCY = 2  # chat and caption requests run at once; the rest queue
 SEARCH_CONCURRENCY = 32  # searches run at once (they mostly wait for the shared, batched CLIP)
 UPLOAD_MAX_AGE = 3600  # seconds an upload is kept
+API_PATH = "/openai"  # where --api mounts the OpenAI-compatible API (base URL: /openai/v1)
 
 
 def default_index() -> Path:
@@ -225,11 +229,13 @@ def build_app(
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
     dtype: str = "float32",
+    search: SearchService | None = None,
 ) -> gr.Blocks:
     """The app's page. `models`: VQA model directories (or hf:ORG/NAME) offered beside the
     shipped ones; `remote_host`: the non-loopback address served, which the page warns
     about; `trust_remote_code`: let a model's LM run Python code saved with it; `dtype`:
-    the models' compute dtype (vlm.load.compute_dtype).
+    the models' compute dtype (vlm.load.compute_dtype); `search`: the SearchService to use
+    (default: one made at the first search, on `index` or the demo index).
 
     Raises:
         VlmError: `index` is not an index, or a `models` entry is not a VQA model.
@@ -239,7 +245,7 @@ def build_app(
     sources = vqa_model_sources(list(models))
     names = list(sources)
     loaded = Models(sources, trust_remote_code=trust_remote_code, dtype=dtype)
-    service_cache: list[SearchService] = []
+    service_cache: list[SearchService] = [search] if search is not None else []
     service_lock = threading.Lock()
 
     def search_service() -> SearchService:
@@ -385,23 +391,43 @@ def launch(
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
     dtype: str = "float32",
+    api: bool = False,
+    api_key: str | None = None,
 ) -> gr.Blocks:
-    """Start the app; with block=False return once it serves (tests, scripts).
+    """Start the app; with block=False return once it serves (tests, scripts). With `api`,
+    also serve the OpenAI-compatible API (apps/server.py) under API_PATH, behind `api_key`.
 
     Raises:
-        VlmError: a non-loopback `host` without `allow_remote`, an address that cannot be
-            served, a bad index or model.
+        VlmError: a non-loopback `host` without `allow_remote` (or, with `api`, without
+            `api_key`), an address that cannot be served, a bad index or model.
     """
     remote = not is_loopback(host)
     if remote and not allow_remote:
         raise VlmError(
             f"--host {host} would let other machines use the app; add --allow-remote if that is what you want"
         )
+    if remote and api and not api_key:
+        raise VlmError(f"--api on --host {host} lets other machines use the API: set an API key too (--api-key KEY)")
     check_bind(host, port)
     # Requests run side by side; torch threads beyond the cores they share starve the
     # server's own thread, and clients' uploads then time out (see
     # docs/benchmarks/app_concurrency.md).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    search, routes = None, []
+    if api:
+        from apps.server import build_api
+
+        search = SearchService(index=index or default_index())
+        served = build_api(
+            models=models,
+            api_key=api_key,
+            loopback_only=not remote,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            search=search,
+        )
+        routes = [Mount(API_PATH, app=served)]
+        log.info("serving the OpenAI-compatible API on http://%s:%d%s/v1", host, port, API_PATH)
     app = build_app(
         index=index,
         models=models,
@@ -409,6 +435,7 @@ def launch(
         upload_max_age=upload_max_age,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
+        search=search,
     )
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)
     try:
@@ -419,7 +446,7 @@ def launch(
             prevent_thread_lock=not block,
             show_error=False,
             quiet=not block,
-            app_kwargs={"middleware": [guard]},
+            app_kwargs={"middleware": [guard], "routes": routes},
         )
     except OSError as e:  # lost a race for the port since check_bind
         raise VlmError(f"cannot serve on {host}:{port} ({e})") from None

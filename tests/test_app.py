@@ -306,3 +306,45 @@ def test_the_app_offers_an_exported_hugging_face_llava_given_with_model(tiny_lla
     assert check_vqa_models([str(exported)])[-1] == str(exported)
     with pytest.raises(VlmError, match="not a LLaVA or Flamingo model directory"):
         check_vqa_models([tiny_clip_dir])
+
+
+def test_the_app_also_serves_the_openai_api_with_api(tmp_path):
+    """`vlmstack app --api`: one process serves the page and /openai/v1 (openai SDK), searches
+    on the same index; off loopback the API needs a key."""
+    import openai
+
+    from apps.gradio_app import launch
+    from tests.test_server import data_url
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "circle")]):
+        draw_shape(colour, shape).save(folder / f"{i}.png")
+    index = tmp_path / "index"
+    build_index(folder, index, model="clip-easyvqa", progress=False)
+    with pytest.raises(VlmError, match="API key"):
+        launch(host="0.0.0.0", allow_remote=True, api=True, port=free_port(), index=str(index), block=False)
+    app = launch(port=free_port(), index=str(index), api=True, block=False)
+    try:
+        sdk = openai.OpenAI(base_url=f"{app.local_url.rstrip('/')}/openai/v1", api_key="unused")
+        assert {"llava-easyvqa", "flamingo-easyvqa"} <= {m.id for m in sdk.models.list()}
+        reply = sdk.chat.completions.create(
+            model="llava-easyvqa",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(draw_shape("red", "circle"))}},
+                        {"type": "text", "text": "what color is the shape?"},
+                    ],
+                }
+            ],
+            max_tokens=4,
+        )
+        assert reply.choices[0].message.content == "red"
+        found = httpx.post(f"{app.local_url.rstrip('/')}/openai/v1/search", json={"query": "a blue rectangle", "k": 1})
+        assert found.json()["data"][0]["path"] == "1.png"
+        page = Client(app.local_url, verbose=False)
+        assert page.predict("a blue rectangle", None, 1, api_name="/search")[0]  # the page searches too
+    finally:
+        app.close()

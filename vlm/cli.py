@@ -215,6 +215,8 @@ def _app(args) -> None:
         allow_remote=args.allow_remote,
         trust_remote_code=args.trust_remote_code,
         dtype=args.dtype,
+        api=args.api,
+        api_key=args.api_key or os.environ.get("VLMSTACK_API_KEY") or None,
     )
 
 
@@ -492,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote", action="store_true", help="allow a --host other machines can reach (the page then says so)"
     )
     app.add_argument("--port", type=whole(1, 65535), default=7860)
+    app.add_argument(
+        "--api", action="store_true", help="also serve the OpenAI-compatible API (as vlmstack serve) at /openai/v1"
+    )
+    app.add_argument("--api-key", default=None, help="key the --api routes require (default: $VLMSTACK_API_KEY)")
     _model_loading_arguments(app, quantize=False)
     app.set_defaults(run=_app)
 
