@@ -6,6 +6,7 @@ build EMB` runs) makes the index: spec chosen automatically, search breadth tune
 size runs in its own process so its peak memory is its own.
 
     python -m benchmarks.capacity --sizes 100000 1000000 2000000
+    python -m benchmarks.capacity --sizes 1000000 --backend milvus     # Milvus Lite, same data
 
 Writes docs/benchmarks/capacity.md and .json.
 """
@@ -63,8 +64,10 @@ def exact_top10(queries: np.ndarray, shards: list[np.ndarray]) -> np.ndarray:
     return np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :10], 1)
 
 
-def measure(count: int, dim: int, workdir: Path) -> dict:
-    """One size, in this process: build from shards, then query latency and recall@10."""
+def measure(count: int, dim: int, workdir: Path, backend: str = "faiss") -> dict:
+    """One size, in this process: build from shards, then query latency and recall@10.
+    With backend "milvus" the index's vectors go to a Milvus Lite file in `workdir`
+    (in-process, so its memory counts in the peak)."""
     from retrieval import store
     from retrieval.shards import build_index_from_shards
     from retrieval.spec import apply_search_params
@@ -72,7 +75,9 @@ def measure(count: int, dim: int, workdir: Path) -> dict:
     emb, index_dir = workdir / "emb", workdir / "index"
     write_shards(emb, count, dim)
     started = time.perf_counter()
-    report = build_index_from_shards(emb, index_dir, progress=False)  # max_memory: half the RAM
+    milvus_uri = str(workdir / "milvus.db") if backend == "milvus" else ""
+    # max_memory: the default, half the RAM
+    report = build_index_from_shards(emb, index_dir, backend=backend, milvus_uri=milvus_uri, progress=False)
     build_seconds = time.perf_counter() - started
     peak_build_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -93,8 +98,11 @@ def measure(count: int, dim: int, workdir: Path) -> dict:
     recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, true_top)]))
     latencies.sort()
     index_bytes = sum(p.stat().st_size for p in store.version_dir(index_dir, manifest.version).iterdir())
+    if backend == "milvus":
+        index_bytes += sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file() and "emb" not in p.parts)
     return {
         "vectors": count,
+        "backend": backend,
         "index_spec": report.index_spec,
         "search_params": manifest.search_params,
         "build_seconds": round(build_seconds, 1),
@@ -111,41 +119,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--backend", choices=["faiss", "milvus"], default="faiss", help="milvus: Milvus Lite")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     parser.add_argument(
         "--workdir", default=None, help="scratch folder (default: a temporary one; needs ~2x the vectors' size)"
     )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.dim, Path(args.workdir))))
+        print(json.dumps(measure(args.one, args.dim, Path(args.workdir), args.backend)))
         return
     measured = f"{time.strftime('%Y-%m-%d')} {_commit()}"
-    rows = {r["vectors"]: r for r in _previous_rows()}
+    rows = {(r["vectors"], r.get("backend", "faiss")): r for r in _previous_rows()}
     for count in args.sizes:
         scratch = Path(args.workdir or tempfile.gettempdir())
         needed = 2 * count * args.dim * 4  # the shards, and the index's vectors.npy
         free = shutil.disk_usage(scratch).free
         if needed > free:
-            rows[count] = {
+            rows[count, args.backend] = {
                 "vectors": count,
+                "backend": args.backend,
                 "skipped": f"needs {needed / 1e9:.0f} GB of disk for the shards and vectors.npy, {free / 1e9:.0f} GB free",
             }
-            print(rows[count], flush=True)
+            print(rows[count, args.backend], flush=True)
             continue
         workdir = Path(tempfile.mkdtemp(prefix="capacity-", dir=args.workdir))
+        one = ["--one", str(count), "--dim", str(args.dim), "--workdir", str(workdir), "--backend", args.backend]
         try:
             out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.capacity",
-                    "--one",
-                    str(count),
-                    "--dim",
-                    str(args.dim),
-                    "--workdir",
-                    str(workdir),
-                ],
+                [sys.executable, "-m", "benchmarks.capacity", *one],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -153,9 +154,9 @@ def main() -> None:
             ).stdout
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        rows[count] = {**json.loads(out.strip().splitlines()[-1]), "measured": measured}
-        print(rows[count], flush=True)
-        _write(sorted(rows.values(), key=lambda r: r["vectors"]), args.dim)  # each size as it finishes
+        rows[count, args.backend] = {**json.loads(out.strip().splitlines()[-1]), "measured": measured}
+        print(rows[count, args.backend], flush=True)
+        _write(sorted(rows.values(), key=lambda r: (r.get("backend", "faiss"), r["vectors"])), args.dim)
 
 
 def _commit() -> str:
@@ -174,17 +175,30 @@ def _previous_rows() -> list[dict]:
     return [{"measured": "2026-11-23 in-RAM build", **r} for r in rows]
 
 
-def _write(rows: list[dict], dim: int) -> None:
-    table = [
-        "| vectors | index spec | search | build s | peak RAM GiB (build) | index on disk GiB | query p50 ms | p95 ms | recall@10 | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ] + [
-        f"| {r['vectors']:,} | not run: {r['skipped']} | | | | | | | | |"
-        if "skipped" in r
-        else f"| {r['vectors']:,} | `{r['index_spec']}` | {r['search_params'] or 'exact'} | {r['build_seconds']} | {r['peak_ram_gib_build']} "
+def _row(r: dict, *, backend: bool = False) -> str:
+    first = f"| {r['vectors']:,} |" + (f" {r.get('backend', 'faiss')} |" if backend else "")
+    if "skipped" in r:
+        return f"{first} not run: {r['skipped']} | | | | | | | | |"
+    return (
+        f"{first} `{r['index_spec']}` | {r['search_params'] or 'exact'} | {r['build_seconds']} | {r['peak_ram_gib_build']} "
         f"| {r['index_dir_gib']} | {r['query_ms_p50']} | {r['query_ms_p95']} | {r['recall_at_10']} | {r['measured']} |"
-        for r in rows
-    ]
+    )
+
+
+def _write(rows: list[dict], dim: int) -> None:
+    faiss_rows = [r for r in rows if r.get("backend", "faiss") == "faiss"]
+    milvus_sizes = {r["vectors"] for r in rows if r.get("backend") == "milvus"}
+    side_by_side = [r for r in rows if r["vectors"] in milvus_sizes]
+    header = "| vectors | index spec | search | build s | peak RAM GiB (build) | index on disk GiB | query p50 ms | p95 ms | recall@10 | measured |"
+    table = [header, "|---|---|---|---|---|---|---|---|---|---|"] + [_row(r) for r in faiss_rows]
+    if side_by_side:
+        table += [
+            "",
+            "## Milvus Lite vs FAISS, same vectors",
+            "",
+            header.replace("| vectors |", "| vectors | backend |", 1),
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ] + [_row(r, backend=True) for r in side_by_side]
     notes = [
         f"{dim}-d synthetic clustered unit vectors written as `vlmstack embed` shards of {SHARD:,}, built by "
         "`build_index_from_shards` (the `vlmstack index build EMB` path): metadata SQLite, vectors.npy, FAISS index, "
