@@ -85,6 +85,10 @@ class MicroBatcher(Generic[In, Out]):
             self._closed = True
             self._queue.put(None)
             self._worker.join()
+        while not self._queue.empty():  # submitted while closing: fail them rather than hang
+            request = self._queue.get()
+            if request is not None:
+                request.result.set_exception(RuntimeError("the batcher is closed"))
 
     def _run(self) -> None:
         held: _Request | None = None  # arrived too late to fit the last batch

@@ -83,7 +83,7 @@ def test_micro_batcher_runs_two_threads_requests_in_one_call():
         calls.append(list(items))
         return [2 * x for x in items]
 
-    batcher = MicroBatcher(double, max_batch=3, max_wait_ms=3000)
+    batcher = MicroBatcher(double, max_batch=3, max_wait_ms=1000)
     results = {}
     threads = [threading.Thread(target=lambda n=n: results.update({n: batcher.submit([n, n + 10])})) for n in (1, 2)]
     threads[0].start()
