@@ -31,26 +31,23 @@ def _collections(uri: str, index_dir) -> list[str]:
     return [name for name in milvus_backend.connect(uri).list_collections() if name.startswith(prefix)]
 
 
-def test_milvus_and_faiss_return_the_same_top_10_hits_from_the_same_shards(tmp_path):
-    from benchmarks.capacity import write_shards
+def test_milvus_and_faiss_return_the_same_top_10_on_the_easyvqa_test_index(tmp_path):
+    from retrieval.shards import embed_to_shards
+    from vlm.data import easyvqa
 
-    write_shards(tmp_path / "emb", 3_000, 64, shard_size=1_000)
+    embed_to_shards(easyvqa.image_dir("test"), tmp_path / "emb", workers=0, progress=False)  # 1,000 images
     uri = str(tmp_path / "milvus.db")
     build_index_from_shards(tmp_path / "emb", tmp_path / "faiss.index", progress=False)
     report = build_index_from_shards(
         tmp_path / "emb", tmp_path / "milvus.index", backend="milvus", milvus_uri=uri, progress=False
     )
-    assert report.index_spec == "milvus FLAT" and report.count == 3_000
-    manifest = store.read_manifest(tmp_path / "milvus.index")
-    queries = np.load(tmp_path / "emb" / "00001.npy")[:20] + 0.05
-    faiss_index = store.read_faiss(tmp_path / "faiss.index", store.read_manifest(tmp_path / "faiss.index"))
-    milvus_index = store.read_faiss(tmp_path / "milvus.index", manifest)
-    for query in queries:
-        query = (query / np.linalg.norm(query)).astype(np.float32)
-        f_scores, f_ids = faiss_index.search(query[None], 10)
-        m_scores, m_ids = milvus_index.search(query[None], 10)
-        assert m_ids.tolist() == f_ids.tolist()
-        np.testing.assert_allclose(m_scores, f_scores, atol=1e-5)
+    assert report.index_spec == "milvus FLAT" and report.count == 1_000
+    with_faiss, with_milvus = Searcher.open(tmp_path / "faiss.index"), Searcher.open(tmp_path / "milvus.index")
+    colors = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+    for query in [f"a {c} {s}" for c in colors for s in ("circle", "rectangle", "triangle")]:
+        expected, hits = with_faiss.search_text(query, k=10), with_milvus.search_text(query, k=10)
+        assert [(h.rank, h.path) for h in hits] == [(h.rank, h.path) for h in expected], query
+        assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-5)
 
 
 def test_update_and_delete_round_trip_through_milvus_with_the_faiss_hit_shape(folder, tmp_path, tiny_clip_dir):
