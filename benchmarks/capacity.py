@@ -64,10 +64,10 @@ def exact_top10(queries: np.ndarray, shards: list[np.ndarray]) -> np.ndarray:
     return np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :10], 1)
 
 
-def measure(count: int, dim: int, workdir: Path, backend: str = "faiss") -> dict:
+def measure(count: int, dim: int, workdir: Path, backend: str = "faiss", max_memory: int = 0) -> dict:
     """One size, in this process: build from shards, then query latency and recall@10.
     With backend "milvus" the index's vectors go to a Milvus Lite file in `workdir`
-    (in-process, so its memory counts in the peak)."""
+    (in-process, so its memory counts in the peak). `max_memory` 0: the default budget."""
     from retrieval import store
     from retrieval.shards import build_index_from_shards
     from retrieval.spec import apply_search_params
@@ -76,8 +76,9 @@ def measure(count: int, dim: int, workdir: Path, backend: str = "faiss") -> dict
     write_shards(emb, count, dim)
     started = time.perf_counter()
     milvus_uri = str(workdir / "milvus.db") if backend == "milvus" else ""
-    # max_memory: the default, half the RAM
-    report = build_index_from_shards(emb, index_dir, backend=backend, milvus_uri=milvus_uri, progress=False)
+    report = build_index_from_shards(
+        emb, index_dir, backend=backend, milvus_uri=milvus_uri, max_memory=max_memory, progress=False
+    )
     build_seconds = time.perf_counter() - started
     peak_build_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -103,6 +104,7 @@ def measure(count: int, dim: int, workdir: Path, backend: str = "faiss") -> dict
     return {
         "vectors": count,
         "backend": backend,
+        "max_memory_gib": round(max_memory / 2**30, 2) if max_memory else "default",
         "index_spec": report.index_spec,
         "search_params": manifest.search_params,
         "build_seconds": round(build_seconds, 1),
@@ -120,30 +122,39 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--backend", choices=["faiss", "milvus"], default="faiss", help="milvus: Milvus Lite")
+    parser.add_argument("--max-memory", type=int, default=0, help="index RAM budget in bytes (default: half the RAM)")
+    parser.add_argument(
+        "--not-run", nargs=2, metavar=("SIZE", "REASON"), help="record SIZE in the table as not run, with REASON"
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     parser.add_argument(
         "--workdir", default=None, help="scratch folder (default: a temporary one; needs ~2x the vectors' size)"
     )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.dim, Path(args.workdir), args.backend)))
+        print(json.dumps(measure(args.one, args.dim, Path(args.workdir), args.backend, args.max_memory)))
         return
     measured = f"{time.strftime('%Y-%m-%d')} {_commit()}"
-    rows = {(r["vectors"], r.get("backend", "faiss")): r for r in _previous_rows()}
+    rows = {_key(r): r for r in _previous_rows()}
+    if args.not_run:
+        row = {"vectors": int(args.not_run[0]), "backend": args.backend, "skipped": args.not_run[1]}
+        rows[_key(row)] = row
     for count in args.sizes:
         scratch = Path(args.workdir or tempfile.gettempdir())
         needed = 2 * count * args.dim * 4  # the shards, and the index's vectors.npy
         free = shutil.disk_usage(scratch).free
         if needed > free:
-            rows[count, args.backend] = {
+            row = {
                 "vectors": count,
                 "backend": args.backend,
                 "skipped": f"needs {needed / 1e9:.0f} GB of disk for the shards and vectors.npy, {free / 1e9:.0f} GB free",
             }
-            print(rows[count, args.backend], flush=True)
+            rows[_key(row)] = row
+            print(row, flush=True)
             continue
         workdir = Path(tempfile.mkdtemp(prefix="capacity-", dir=args.workdir))
         one = ["--one", str(count), "--dim", str(args.dim), "--workdir", str(workdir), "--backend", args.backend]
+        one += ["--max-memory", str(args.max_memory)]
         try:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.capacity", *one],
@@ -154,9 +165,16 @@ def main() -> None:
             ).stdout
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        rows[count, args.backend] = {**json.loads(out.strip().splitlines()[-1]), "measured": measured}
-        print(rows[count, args.backend], flush=True)
-        _write(sorted(rows.values(), key=lambda r: (r.get("backend", "faiss"), r["vectors"])), args.dim)
+        row = {**json.loads(out.strip().splitlines()[-1]), "measured": measured}
+        rows[_key(row)] = row
+        print(row, flush=True)
+        _write(sorted(rows.values(), key=lambda r: (r["vectors"], str(_key(r)))), args.dim)  # as each size ends
+    _write(sorted(rows.values(), key=lambda r: (r["vectors"], str(_key(r)))), args.dim)
+
+
+def _key(row: dict) -> tuple:
+    """Rows differ by size, backend and memory budget."""
+    return row["vectors"], row.get("backend", "faiss"), row.get("max_memory_gib", "default")
 
 
 def _commit() -> str:
@@ -180,9 +198,14 @@ def _row(r: dict, *, backend: bool = False) -> str:
     if "skipped" in r:
         return f"{first} not run: {r['skipped']} | | | | | | | | |"
     return (
-        f"{first} `{r['index_spec']}` | {r['search_params'] or 'exact'} | {r['build_seconds']} | {r['peak_ram_gib_build']} "
+        f"{first} `{r['index_spec']}`{_budget(r)} | {r['search_params'] or 'exact'} | {r['build_seconds']} | {r['peak_ram_gib_build']} "
         f"| {r['index_dir_gib']} | {r['query_ms_p50']} | {r['query_ms_p95']} | {r['recall_at_10']} | {r['measured']} |"
     )
+
+
+def _budget(r: dict) -> str:
+    budget = r.get("max_memory_gib", "default")
+    return "" if budget == "default" else f" (--max-memory {budget} GiB)"
 
 
 def _write(rows: list[dict], dim: int) -> None:
