@@ -25,10 +25,14 @@ whatever the client's session holds. With `--api` the same process also serves
 the app's SearchService.
 """
 
+import csv
 import hashlib
+import json
 import logging
 import os
+import statistics
 import threading
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -38,6 +42,7 @@ from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from apps.model_panel import ModelFacts, example_messages
 from apps.search_service import SearchService
 from apps.web_safety import (
     LOOPBACK_HOSTS,
@@ -72,19 +77,35 @@ CONCURRENCY = 2  # chat and caption requests run at once; the rest queue
 SEARCH_CONCURRENCY = 32  # searches run at once (they mostly wait for the shared, batched CLIP)
 UPLOAD_MAX_AGE = 3600  # seconds an upload is kept
 API_PATH = "/openai"  # where --api mounts the OpenAI-compatible API (base URL: /openai/v1)
+DEFAULT_VQA_MODEL = "llava-easyvqa"  # the CLI's default (`vlmstack caption --model`)
+CAPTION_BATCH = 8  # pictures per forward pass on the Caption tab (progress moves per batch)
+# "Usual best" of an index: the median best score of these generic queries, which name
+# nothing in particular. A text query whose best hit scores below it matches no picture
+# better than "a picture" does, and is flagged "no close match".
+PROBE_QUERIES = ("a picture", "an image", "a photo", "something", "a thing")
+QUERY_SYNTAX = (
+    'Query syntax: terms joined by " + " or " - " (spaces around the sign), each optionally weighted: '
+    '`red circle - triangle` moves away from triangles, `2:red + circle` counts "red" twice.'
+)
 
 
-def default_index() -> Path:
+def default_index_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmstack" / "easyvqa-test.index"
+
+
+def default_index(*, progress: bool = False) -> Path:
     """An index of the easy-VQA test images in the user's cache, built on first use."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmstack" / "easyvqa-test.index"
+    cache = default_index_dir()
     if not (cache / MANIFEST).is_file():
         log.info("building the demo index of the easy-VQA test images in %s", cache)
-        build_index(easyvqa.image_dir("test"), cache, progress=False)
+        build_index(easyvqa.image_dir("test"), cache, progress=progress)
     return cache
 
 
 def vqa_model_names() -> list[str]:
-    return [n for n in shipped_names() if model_kind(WEIGHTS_DIR / n) in VQA_KINDS]
+    """The shipped VQA models, the CLI's default first."""
+    names = [n for n in shipped_names() if model_kind(WEIGHTS_DIR / n) in VQA_KINDS]
+    return sorted(names, key=lambda n: n != DEFAULT_VQA_MODEL)
 
 
 def check_vqa_models(specs: list[str]) -> list[str]:
@@ -220,6 +241,33 @@ def _thumbnail_file(data: bytes, stem: str) -> str:
     return str(path)
 
 
+CSS = """
+.panel { background: var(--block-background-fill); border-left: 4px solid var(--color-accent); padding: 4px 12px; }
+#chatbot img { max-height: 192px; min-width: 128px; image-rendering: pixelated; }
+"""
+# Run after each search: its results start at the top, in view (not at the old scroll position).
+SCROLL_RESULTS_TO_TOP = """() => {
+  const results = document.getElementById("results");
+  if (!results) return;
+  for (const el of [results, ...results.querySelectorAll("*")]) if (el.scrollTop > 0) el.scrollTop = 0;
+  if (results.getBoundingClientRect().top < 0) results.scrollIntoView({block: "start"});
+}"""
+
+
+def _caption_files(rows: list[list[str]]) -> tuple[str, str]:
+    """The captions as captions.csv and captions.jsonl ({"image", "caption"} rows, the
+    repo's caption format) in a fresh folder of Gradio's cache, which serves them."""
+    folder = Path(get_upload_folder()) / "vlmstack-captions" / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    with open(folder / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    lines = [json.dumps({"image": name, "caption": text}) + "\n" for name, text in rows]
+    (folder / "captions.jsonl").write_text("".join(lines))
+    return str(folder / "captions.csv"), str(folder / "captions.jsonl")
+
+
 def build_app(
     *,
     index: str | Path | None = None,
@@ -244,15 +292,26 @@ def build_app(
         read_manifest(index)  # a mistyped --index fails now, not at the first search
     sources = vqa_model_sources(list(models))
     names = list(sources)
+    facts = {name: ModelFacts(name, sources[name]) for name in names}
     loaded = Models(sources, trust_remote_code=trust_remote_code, dtype=dtype)
     service_cache: list[SearchService] = [search] if search is not None else []
     service_lock = threading.Lock()
+    usual_best: dict[int, float] = {}
 
-    def search_service() -> SearchService:
+    def search_service(progress: bool = False) -> SearchService:
         with service_lock:  # two first searches must not both build the default index
             if not service_cache:
-                service_cache.append(SearchService(index=index or default_index()))
+                service_cache.append(SearchService(index=index or default_index(progress=progress)))
             return service_cache[0]
+
+    def index_ready() -> bool:
+        return bool(service_cache) or index is not None or (default_index_dir() / MANIFEST).is_file()
+
+    def usual_best_score(engine: SearchService) -> float:
+        """The index's usual best: the median best score of PROBE_QUERIES (computed once)."""
+        if id(engine) not in usual_best:
+            usual_best[id(engine)] = statistics.median(engine.search_text(q, 1)[0].score for q in PROBE_QUERIES)
+        return usual_best[id(engine)]
 
     @readable_errors
     def search(query: str, image: str | None, k: float):
@@ -265,32 +324,109 @@ def build_app(
             hits = engine.search_image(picture, int(k), text=query or None)
         else:
             hits = engine.search_text(query, int(k))
-        return served_pictures(engine, hits)
+        return hits
+
+    def search_api(query: str, image: str | None, k: float):
+        return served_pictures(search_service(), search(query, image, k))
+
+    def search_page(query: str, image: str | None, k: float, progress=gr.Progress(track_tqdm=True)):
+        """The Search tab: (gallery, status line); the first search says it builds the index."""
+        if not index_ready():
+            yield gr.skip(), "Building the demo index of the 1,000 easy-VQA test pictures (first search only)…"
+            search_service(progress=True)
+        try:
+            hits = search(query, image, k)
+        except gr.Error as e:
+            yield [], f"⚠ {e.message}"
+            return
+        engine = search_service()
+        status = f"{len(hits)} results · best score {hits[0].score:.3f}" if hits else "No results."
+        if hits and image is None:
+            usual = usual_best_score(engine)
+            if hits[0].score < usual:
+                status = (
+                    f"**No close match**: the best score, {hits[0].score:.3f}, is below this index's usual best "
+                    f"({usual:.3f}, what a generic query like “a picture” reaches). Check the spelling, "
+                    "or describe a colour and a shape."
+                )
+        yield served_pictures(engine, hits), status
+
+    def chat_parts(message: dict) -> tuple[list[str], str]:
+        message = message or {}
+        return [_file_path(f) for f in message.get("files") or []], (message.get("text") or "").strip()
 
     @readable_errors
     def chat(message: dict, history: list[dict] | None, model_name: str):
-        """Streams the reply to `message` after `history` (Gradio's message dicts)."""
-        message = message or {}
-        files = [_file_path(f) for f in message.get("files") or []]
+        """Streams the reply to `message` after `history` (Gradio's message dicts). A model
+        trained only on pictures answers a conversation without one with a notice."""
+        files, text = chat_parts(message)
         if len(files) > MAX_IMAGES_PER_MESSAGE:
             raise gr.Error(f"{len(files)} images in one message: at most {MAX_IMAGES_PER_MESSAGE}")
         uploads = [{"type": "file", "file": {"path": path}} for path in files]
-        question = {"role": "user", "content": [*uploads, {"type": "text", "text": message.get("text") or ""}]}
+        question = {"role": "user", "content": [*uploads, {"type": "text", "text": text}]}
         turns, images = history_to_turns(list(history or []) + [question])
         if not turns or turns[-1][0] != "user":
             raise gr.Error("Ask a question (you can attach images).")
         model = loaded.get(model_name)  # an unknown name fails before any file is read
         pictures = load_uploads(images, max_images=MAX_IMAGES_PER_REQUEST, max_pixels=MAX_REQUEST_PIXELS)
+        if not pictures and facts[model_name].image_only:
+            yield facts[model_name].no_image_notice()
+            return
         reply = ""
         for piece in model.chat(turns, pictures, stream=True, max_new_tokens=64):
             reply += piece
-            yield reply
+            yield reply  # when the page's Stop cancels the event, this generator is never resumed
 
     def chat_api(message: dict, model_name: str, history: list | None):
         yield from chat(message, history, model_name)
 
+    def label(reply: str, model_name: str, images: int) -> str:
+        """An answer as shown: the model's name, and which picture it is about when there are several."""
+        about = ""
+        if images > 1:
+            about = (
+                f" · about image {images}, the latest"
+                if facts[model_name].kind == "flamingo"
+                else f" · sees all {images} images"
+            )
+        return f"{reply}\n\n<sub>— {model_name}{about}</sub>"
+
+    def shown(conversation: list[dict]) -> list[dict]:
+        return [
+            {"role": m["role"], "content": label(m["content"], m["model"], m["images"])}
+            if m["role"] == "assistant"
+            else m
+            for m in conversation
+        ]
+
+    def chat_page(message: dict, conversation: list[dict] | None, model_name: str):
+        """The Chat tab: yields (chatbot, conversation, textbox, status). Errors become the
+        status line; the conversation and what the user typed stay, so they can retry."""
+        conversation = list(conversation or [])
+        history = [{"role": m["role"], "content": m["content"]} for m in conversation]
+        files, text = chat_parts(message)
+        replies = chat(message, history, model_name)
+        try:
+            first = next(replies, "")
+        except gr.Error as e:
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠ {e.message}"
+            return
+        uploads = [{"type": "file", "file": {"path": path}} for path in files]
+        user = {"role": "user", "content": [*uploads, {"type": "text", "text": text}]}
+        images = sum(_file_path(p) is not None for m in history + [user] for p in m["content"] if isinstance(p, dict))
+        answer = {"role": "assistant", "content": first, "model": model_name, "images": images}
+        conversation += [user, answer]
+        yield shown(conversation), conversation, gr.MultimodalTextbox(value=None), ""
+        try:
+            for reply in replies:
+                answer["content"] = reply
+                yield shown(conversation), conversation, gr.skip(), ""
+        except gr.Error as e:
+            yield shown(conversation), conversation, gr.skip(), f"⚠ {e.message}"
+
     @readable_errors
-    def caption(files: list, model_name: str, prompt: str):
+    def caption(files: list, model_name: str, prompt: str, progress=None) -> tuple[list, list]:
+        """Rows [file name, caption] and (picture, caption) thumbnails of the readable ones."""
         if not files:
             raise gr.Error("Upload one or more images.")
         if len(files) > MAX_CAPTION_FILES:
@@ -312,13 +448,29 @@ def build_app(
             except (ImageError, gr.Error) as e:
                 reason = e.message if isinstance(e, gr.Error) else str(e)
                 rows.append([name, f"(unreadable: {reason.split(': ', 1)[-1]})"])
-        if pictures:
-            captions = model.answer_batch(
-                pictures, [prompt or DEFAULT_CAPTION_PROMPT] * len(pictures), max_new_tokens=32
-            )
-            for slot, text in zip(slots, captions):
+        instruction = prompt or DEFAULT_CAPTION_PROMPT
+        for start in range(0, len(pictures), CAPTION_BATCH):
+            if progress is not None:
+                progress((start, len(pictures)), desc="captioning", unit="images")
+            batch = pictures[start : start + CAPTION_BATCH]
+            captions = model.answer_batch(batch, [instruction] * len(batch), max_new_tokens=32)
+            for slot, text in zip(slots[start:], captions):
                 rows[slot][1] = text
-        return rows
+        thumbnails = [(picture, rows[slot][0] + ": " + rows[slot][1]) for picture, slot in zip(pictures, slots)]
+        return rows, thumbnails
+
+    def caption_api(files: list, model_name: str, prompt: str):
+        return caption(files, model_name, prompt)[0]
+
+    def caption_page(files: list, model_name: str, prompt: str, progress=gr.Progress()):
+        """The Caption tab: (table, thumbnails, CSV download, JSONL download, status)."""
+        try:
+            rows, thumbnails = caption(files, model_name, prompt, progress)
+        except gr.Error as e:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠ {e.message}"
+        csv_file, jsonl_file = _caption_files(rows)
+        done = f"{len(thumbnails)} of {len(rows)} captioned by {model_name}."
+        return rows, thumbnails, gr.DownloadButton(value=csv_file), gr.DownloadButton(value=jsonl_file), done
 
     limits = (
         f"Up to {MAX_IMAGES_PER_MESSAGE} images per message and {MAX_REQUEST_PIXELS // 1_000_000} megapixels per request; "
@@ -332,6 +484,15 @@ def build_app(
                 "read its search results and run its models.**"
             )
         with gr.Tab("Search"):
+            clip_facts = ModelFacts("clip-easyvqa")
+            if index is None and clip_facts.card:
+                zeroshot = (clip_facts.card.get("test_metrics") or {}).get("zeroshot_top1")
+                gr.Markdown(
+                    "The demo index holds the 1,000 easy-VQA test pictures (64×64, one coloured shape each), "
+                    "searched with clip-easyvqa, which knows 8 colours and 3 shapes"
+                    + (f" (zero-shot accuracy {zeroshot:.1%} on easy-VQA test, from its card)." if zeroshot else "."),
+                    elem_classes="panel",
+                )
             with gr.Row():
                 query = gr.Textbox(
                     label="Query",
@@ -339,30 +500,56 @@ def build_app(
                     scale=4,
                 )
                 k = gr.Slider(1, 50, value=12, step=1, label="Results", scale=1)
+            gr.Markdown(QUERY_SYNTAX)
             query_image = UploadedImage(
                 label="Find images like this one (optional)", type="filepath", image_mode=None, height=160
             )
             search_button = gr.Button("Search", variant="primary")
-            gallery = gr.Gallery(label="Results (score, path)", columns=6, height="auto")
+            search_status = gr.Markdown(elem_id="search-status")
+            gallery = gr.Gallery(label="Results (score, path)", columns=6, height=520, elem_id="results")
+            query_examples = gr.Examples(
+                ["a red circle", "a blue triangle", "green - circle", "2:yellow + rectangle"], [query], label="Try"
+            )
             # Searches have their own concurrency group: they must not wait behind the
             # CONCURRENCY chat and caption requests, and the shared CLIP batches them.
             searching = {"concurrency_limit": SEARCH_CONCURRENCY, "concurrency_id": "search"}
-            search_button.click(search, [query, query_image, k], gallery, api_name="search", **searching)
-            query.submit(search, [query, query_image, k], gallery, api_name=False, **searching)
+            for trigger in (search_button.click, query.submit, query_examples.load_input_event.then):
+                trigger(
+                    search_page, [query, query_image, k], [gallery, search_status], api_name=False, **searching
+                ).then(None, js=SCROLL_RESULTS_TO_TOP)
+            api_search = gr.Button(visible=False)
+            api_search.click(search_api, [query, query_image, k], gallery, api_name="search", **searching)
         with gr.Tab("Chat"):
             model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
-            gr.ChatInterface(
-                chat,
-                multimodal=True,
-                textbox=gr.MultimodalTextbox(
-                    file_types=["image"], file_count="multiple", placeholder="Attach images and ask about them"
-                ),
-                additional_inputs=[model],
-                api_name="chat_session",
-                api_visibility="private",  # its API keeps history per session; /chat below does not
-                fill_height=False,
+            chat_panel = gr.Markdown(facts[names[0]].markdown() if names else "", elem_classes="panel")
+            model.change(lambda name: facts[name].markdown(), model, chat_panel, api_name=False, queue=False)
+            chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot", layout="bubble")
+            conversation = gr.State([])
+            chat_status = gr.Markdown(elem_id="chat-status")
+            textbox = gr.MultimodalTextbox(
+                file_types=["image"],
+                file_count="multiple",
+                placeholder="Attach images and ask about them",
+                show_label=False,
+                elem_id="chat-input",
             )
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+                clear = gr.Button("Clear", elem_id="chat-clear")
+            chat_examples = gr.Examples([[m] for m in example_messages()], [textbox], label="Examples (click one)")
             gr.Markdown(limits)
+            turn = {"fn": chat_page, "inputs": [textbox, conversation, model], "api_name": False}
+            turn["outputs"] = [chatbot, conversation, textbox, chat_status]
+            events = [
+                send.click(**turn),
+                textbox.submit(**turn),
+                chat_examples.load_input_event.then(**turn),
+            ]
+            stop.click(lambda: "Stopped.", None, chat_status, cancels=events, api_name=False, queue=False)
+            clear.click(
+                lambda: ([], [], ""), None, [chatbot, conversation, chat_status], cancels=events, api_name=False
+            )
             api_message = gr.MultimodalTextbox(visible=False)
             api_history = gr.JSON(value=[], visible=False)
             api_reply = gr.Textbox(visible=False)
@@ -371,10 +558,26 @@ def build_app(
             with gr.Row():
                 caption_model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
                 caption_prompt = gr.Textbox(DEFAULT_CAPTION_PROMPT, label="Instruction")
-            files = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            caption_panel = gr.Markdown(facts[names[0]].markdown() if names else "", elem_classes="panel")
+            caption_model.change(lambda n: facts[n].markdown(), caption_model, caption_panel, api_name=False)
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="caption-files")
             caption_button = gr.Button("Caption", variant="primary")
-            table = gr.Dataframe(headers=["file", "caption"], label="Captions", wrap=True)
-            caption_button.click(caption, [files, caption_model, caption_prompt], table, api_name="caption")
+            caption_status = gr.Markdown()
+            with gr.Row():
+                thumbnails = gr.Gallery(label="Pictures", columns=4, height=360, scale=1)
+                table = gr.Dataframe(headers=["file", "caption"], label="Captions", wrap=True, scale=1)
+            with gr.Row():
+                csv_button = gr.DownloadButton("Download CSV", elem_id="download-csv")
+                jsonl_button = gr.DownloadButton("Download JSONL", elem_id="download-jsonl")
+            caption_button.click(
+                caption_page,
+                [files, caption_model, caption_prompt],
+                [table, thumbnails, csv_button, jsonl_button, caption_status],
+                api_name=False,
+            )
+            gr.Button(visible=False).click(
+                caption_api, [files, caption_model, caption_prompt], table, api_name="caption"
+            )
     app.queue(default_concurrency_limit=concurrency, max_size=128)
     app.models = loaded  # for tests and benchmarks: which models are loaded
     return app
@@ -445,6 +648,7 @@ def launch(
             max_file_size=MAX_FILE_SIZE,
             prevent_thread_lock=not block,
             show_error=False,
+            css=CSS,
             quiet=not block,
             app_kwargs={"middleware": [guard], "routes": routes},
         )
