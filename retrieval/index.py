@@ -122,7 +122,7 @@ def update_index(
 
     Raises:
         VlmError: not an index, a damaged one, one built from shards or with weights that
-            changed since, or another process is writing it.
+            changed since, its Milvus cannot be reached, or another process is writing it.
     """
     index_dir = Path(index_dir)
     store.read_manifest(index_dir)  # "not an index" before touching the directory
@@ -132,6 +132,10 @@ def update_index(
             raise VlmError(
                 f"{index_dir} was built from {manifest.source} shards, which it cannot re-scan; embed and build again"
             )
+        if manifest.backend == "milvus":  # unreachable: one line now, not after embedding
+            from retrieval import milvus
+
+            milvus.connect(manifest.milvus_uri)
         clip = load_clip(manifest.model)
         if clip.fingerprint != manifest.model_fingerprint:
             raise VlmError(

@@ -105,6 +105,20 @@ def test_an_unreachable_milvus_uri_fails_in_one_line_before_any_work(folder, tmp
     assert "\n" not in str(e.value) and time.perf_counter() - started < 15
     assert not (tmp_path / "idx").exists()
 
+    uri = str(tmp_path / "milvus.db")
+    build_index(
+        folder, tmp_path / "b", model=tiny_clip_dir, backend="milvus", milvus_uri=uri, workers=0, progress=False
+    )
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**data, "milvus_uri": "http://127.0.0.1:9"}))
+    for action in (
+        lambda: update_index(tmp_path / "b", workers=0, progress=False),
+        lambda: Searcher.open(tmp_path / "b"),
+    ):
+        with pytest.raises(VlmError, match="cannot reach Milvus at http://127.0.0.1:9") as e:
+            action()
+        assert "\n" not in str(e.value)
+
 
 def test_an_interrupted_milvus_build_or_update_is_never_searched_as_complete(
     folder, tmp_path, tiny_clip_dir, monkeypatch
