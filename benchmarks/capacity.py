@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, write_report
+from benchmarks.common import RESULTS, ROOT, command_line, write_report
 from benchmarks.search import clustered_vectors
 
 SHARD = 500_000
@@ -137,7 +137,12 @@ def main() -> None:
     measured = f"{time.strftime('%Y-%m-%d')} {_commit()}"
     rows = {_key(r): r for r in _previous_rows()}
     if args.not_run:
-        row = {"vectors": int(args.not_run[0]), "backend": args.backend, "skipped": args.not_run[1]}
+        row = {
+            "vectors": int(args.not_run[0]),
+            "backend": args.backend,
+            "skipped": args.not_run[1],
+            "measured": measured,
+        }
         rows[_key(row)] = row
     for count in args.sizes:
         scratch = Path(args.workdir or tempfile.gettempdir())
@@ -165,7 +170,7 @@ def main() -> None:
             ).stdout
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        row = {**json.loads(out.strip().splitlines()[-1]), "measured": measured}
+        row = {**json.loads(out.strip().splitlines()[-1]), "measured": measured, "command": command_line()}
         rows[_key(row)] = row
         print(row, flush=True)
         _write(sorted(rows.values(), key=lambda r: (r["vectors"], str(_key(r)))), args.dim)  # as each size ends
@@ -234,6 +239,8 @@ def _write(rows: list[dict], dim: int) -> None:
         "distinct vectors from the shards into vectors.npy and hold only the FAISS structure and its training sample; "
         "the 2026-11-23 rows held every vector in RAM. `measured` = date and commit. See docs/scale-out.md.",
     ]
+    commands = sorted({r["command"] for r in rows if "command" in r})
+    notes += ["", "Rows measured in this format came from:"] + [f"- `{c}`" for c in commands]
     write_report(
         "capacity",
         "Index capacity: vectors, spec, RAM, build time, latency, recall",
