@@ -187,6 +187,7 @@ class Tuning:
     params: dict  # search breadths to store in the manifest, e.g. {"nprobe": 16, "k_factor": 8}
     recall: float  # recall@k on the sample at those breadths (1.0 for exact indexes)
     target: float  # the recall@k that was asked for
+    k: int = 10  # results per query the recall counts
 
     @property
     def shortfall(self) -> str | None:
@@ -195,7 +196,7 @@ class Tuning:
             return None
         shown = ", ".join(f"{name}={value}" for name, value in self.params.items())
         return (
-            f"search tuning stopped at recall@10 {self.recall:.3f} (target {self.target:.2f}) with {shown}, the widest "
+            f"search tuning stopped at recall@{self.k} {self.recall:.3f} (target {self.target:.2f}) with {shown}, the widest "
             "search there is; results will miss true neighbours: choose a finer --index-spec or a larger --max-memory"
         )
 
@@ -218,7 +219,7 @@ def tune_search(
     base = index.base if isinstance(index, Refined) else index
     name = _breadth_parameter(base)
     if (name is None and not isinstance(index, Refined)) or len(vectors) <= k:
-        return Tuning({}, 1.0, target_recall)
+        return Tuning({}, 1.0, target_recall, k)
     # Leave-one-out: each sample vector queries the index with itself excluded, so the
     # tuning reflects new queries near the data, not the trivial self-match.
     rng = np.random.default_rng(seed)
@@ -251,7 +252,7 @@ def tune_search(
             break
         params, recall = fewer, fewer_recall
     apply_search_params(index, params)
-    tuning = Tuning(params, recall, target_recall)
+    tuning = Tuning(params, recall, target_recall, k)
     log.info("tuned %s: recall@%d %.3f on %d sample queries", params, k, recall, len(sample))
     if tuning.shortfall:
         log.warning(tuning.shortfall)
