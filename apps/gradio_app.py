@@ -392,12 +392,16 @@ def build_app(
         return f"{reply}\n\n<sub>— {model_name}{about}</sub>"
 
     def shown(conversation: list[dict]) -> list[dict]:
+        """The conversation as the Chatbot shows it: pictures as pictures, answers labelled."""
         return [
-            {"role": m["role"], "content": label(m["content"], m["model"], m["images"])}
+            {"role": "assistant", "content": label(m["content"], m["model"], m["images"])}
             if m["role"] == "assistant"
-            else m
+            else {"role": "user", "content": [_shown_part(p) for p in m["content"]]}
             for m in conversation
         ]
+
+    def _shown_part(part: dict):
+        return {"path": _file_path(part)} if _file_path(part) else part.get("text", "")
 
     def chat_page(message: dict, conversation: list[dict] | None, model_name: str):
         """The Chat tab: yields (chatbot, conversation, textbox, status). Errors become the
