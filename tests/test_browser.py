@@ -153,6 +153,7 @@ def test_a_new_search_starts_at_the_top(page):
     query = page.get_by_label("Query")
     query.fill("a red circle")
     page.get_by_role("button", name="Search", exact=True).click()
+    sync_api.expect(page.get_by_text("Building the demo index")).to_be_visible()  # the first search
     sync_api.expect(page.locator("#search-status")).to_contain_text("results", timeout=120_000)
     page.evaluate(
         """() => { for (const e of [document.getElementById("results"),
@@ -160,8 +161,8 @@ def test_a_new_search_starts_at_the_top(page):
     )
     assert _scrolled(page) > 0
     query.fill("a blue triangle")
-    page.get_by_role("button", name="Search", exact=True).click()
     before = page.locator("#search-status").inner_text()
+    page.get_by_role("button", name="Search", exact=True).click()
     page.wait_for_function(
         "old => { const t = document.getElementById('search-status').innerText; return t !== old && t.includes('best') }",
         arg=before,
