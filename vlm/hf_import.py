@@ -21,6 +21,7 @@ ours must be given, except open_clip's pooled-embedding projection, which patch 
 use (set to zeros).
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -357,6 +358,17 @@ def load_weights(model, hf, directory: Path) -> None:
         raise VlmError(f"{directory}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are created in `dtype` (the vision tower and projector)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def tied_names(module: torch.nn.Module) -> set[str]:
     """Names of tensors that share storage with an earlier name (tied embeddings)."""
     seen, tied = set(), set()
@@ -464,7 +476,7 @@ def load_hf_llava(directory: str | Path, *, dtype: torch.dtype = torch.float32):
     with hub.config_errors(directory, "llava"), no_init_weights():  # every weight is loaded next
         lm = lm_from_config(text, dtype=dtype)
     lm.tie_weights()  # skipped with the initialisation; ties the embeddings where the config says so
-    with hub.config_errors(directory, "llava"), no_init_weights():
+    with hub.config_errors(directory, "llava"), no_init_weights(), default_dtype(dtype):  # no float32 tower
         model = LlavaModel(config=config, tokenizer=tokenizer, lm=lm).to(dtype)
     load_weights(model, hf, directory)
     return model.eval()
