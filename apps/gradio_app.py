@@ -27,6 +27,7 @@ the app's SearchService.
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from apps.heatmap import draw, patch_saliency
 from apps.model_panel import ModelFacts, example_messages
 from apps.search_service import SearchService
 from apps.web_safety import (
@@ -243,7 +245,7 @@ def _thumbnail_file(data: bytes, stem: str) -> str:
 
 CSS = """
 .panel { background: var(--block-background-fill); border-left: 4px solid var(--color-accent); padding: 4px 12px; }
-#chatbot img { max-height: 192px; min-width: 128px; image-rendering: pixelated; }
+#chatbot .image-frame img { width: 192px; height: 192px; max-height: none; object-fit: contain !important; image-rendering: pixelated; }
 """
 # Run after each search: its results start at the top, in view (not at the old scroll position).
 SCROLL_RESULTS_TO_TOP = """() => {
@@ -392,9 +394,14 @@ def build_app(
         return f"{reply}\n\n<sub>— {model_name}{about}</sub>"
 
     def shown(conversation: list[dict]) -> list[dict]:
-        """The conversation as the Chatbot shows it: pictures as pictures, answers labelled."""
+        """The conversation as the Chatbot shows it: pictures as pictures, answers labelled
+        (and followed by their heatmap when one was asked for)."""
         return [
-            {"role": "assistant", "content": label(m["content"], m["model"], m["images"])}
+            {
+                "role": "assistant",
+                "content": [label(m["content"], m["model"], m["images"])]
+                + ([{"path": m["heatmap"]}] if m.get("heatmap") else []),
+            }
             if m["role"] == "assistant"
             else {"role": "user", "content": [_shown_part(p) for p in m["content"]]}
             for m in conversation
@@ -403,9 +410,25 @@ def build_app(
     def _shown_part(part: dict):
         return {"path": _file_path(part)} if _file_path(part) else part.get("text", "")
 
-    def chat_page(message: dict, conversation: list[dict] | None, model_name: str):
+    def heatmap(model_name: str, conversation: list[dict]) -> tuple[str | None, str]:
+        """(file, note) of where the model looked for the last answer, on the latest picture."""
+        if facts[model_name].kind != "llava":
+            return None, "“Where the model looked” covers LLaVA-style models only."
+        paths = [_file_path(p) for m in conversation if m["role"] == "user" for p in m["content"] if _file_path(p)]
+        if not paths:
+            return None, ""
+        question = next(p["text"] for p in reversed(conversation[-2]["content"]) if "text" in p)
+        [picture] = load_uploads(paths[-1:], max_images=1, max_pixels=MAX_REQUEST_PIXELS)
+        saliency = patch_saliency(loaded.get(model_name), picture, question, conversation[-1]["content"])
+        buffer = io.BytesIO()
+        draw(picture, saliency).save(buffer, format="PNG")
+        note = "Heatmap: occlusion, each patch painted over in turn (bright = the answer depended on it)."
+        return _thumbnail_file(buffer.getvalue(), "where-it-looked"), note
+
+    def chat_page(message: dict, conversation: list[dict] | None, model_name: str, explain: bool = False):
         """The Chat tab: yields (chatbot, conversation, textbox, status). Errors become the
-        status line; the conversation and what the user typed stay, so they can retry."""
+        status line; the conversation and what the user typed stay, so they can retry.
+        `explain`: add a heatmap of where the model looked to the answer (apps/heatmap.py)."""
         conversation = list(conversation or [])
         history = [{"role": m["role"], "content": m["content"]} for m in conversation]
         files, text = chat_parts(message)
@@ -425,6 +448,9 @@ def build_app(
             for reply in replies:
                 answer["content"] = reply
                 yield shown(conversation), conversation, gr.skip(), ""
+            if explain and images:
+                answer["heatmap"], note = readable_errors(heatmap)(model_name, conversation)
+                yield shown(conversation), conversation, gr.skip(), note
         except gr.Error as e:
             yield shown(conversation), conversation, gr.skip(), f"⚠ {e.message}"
 
@@ -527,7 +553,7 @@ def build_app(
             model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
             chat_panel = gr.Markdown(facts[names[0]].markdown() if names else "", elem_classes="panel")
             model.change(lambda name: facts[name].markdown(), model, chat_panel, api_name=False, queue=False)
-            chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot", layout="bubble")
+            chatbot = gr.Chatbot(label="Conversation", height=640, elem_id="chatbot", layout="bubble")
             conversation = gr.State([])
             chat_status = gr.Markdown(elem_id="chat-status")
             textbox = gr.MultimodalTextbox(
@@ -537,20 +563,25 @@ def build_app(
                 show_label=False,
                 elem_id="chat-input",
             )
+            explain = gr.Checkbox(
+                label="Show where the model looked (a heatmap over the picture; LLaVA models)", elem_id="chat-explain"
+            )
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")
                 stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
                 clear = gr.Button("Clear", elem_id="chat-clear")
             chat_examples = gr.Examples([[m] for m in example_messages()], [textbox], label="Examples (click one)")
             gr.Markdown(limits)
-            turn = {"fn": chat_page, "inputs": [textbox, conversation, model], "api_name": False}
+            turn = {"fn": chat_page, "inputs": [textbox, conversation, model, explain], "api_name": False}
             turn["outputs"] = [chatbot, conversation, textbox, chat_status]
             events = [
                 send.click(**turn),
                 textbox.submit(**turn),
                 chat_examples.load_input_event.then(**turn),
             ]
-            stop.click(lambda: "Stopped.", None, chat_status, cancels=events, api_name=False, queue=False)
+            stop.click(None, cancels=events, api_name=False, queue=False).then(
+                lambda: "Stopped.", None, chat_status, api_name=False, queue=False
+            )  # after the cancel, so a late update of the stopped reply cannot overwrite it
             clear.click(
                 lambda: ([], [], ""), None, [chatbot, conversation, chat_status], cancels=events, api_name=False
             )

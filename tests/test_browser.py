@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 TIMEOUT = 60_000  # ms: this machine's two cores are often shared
+sync_api.expect.set_options(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,9 @@ def test_a_new_search_starts_at_the_top(page):
     query.fill("redd cirle")
     page.get_by_role("button", name="Search", exact=True).click()
     sync_api.expect(page.locator("#search-status")).to_contain_text("No close match")
+    page.get_by_role("button", name="2:yellow + rectangle").click()  # an example query runs
+    sync_api.expect(page.locator("#search-status")).to_contain_text("results · best score")
+    assert page.get_by_label("Query").input_value() == "2:yellow + rectangle"
 
 
 def test_caption_download_has_every_caption(page, tmp_path):
@@ -193,3 +197,45 @@ def test_caption_download_has_every_caption(page, tmp_path):
     rows = list(csv.DictReader(open(download.value.path())))
     assert [r["image"] for r in rows] == ["red.png", "blue.png"]
     assert "red" in rows[0]["caption"] and "circle" in rows[0]["caption"]
+
+
+def test_a_question_without_a_picture_to_an_image_only_model_gets_a_notice(app):
+    from gradio_client import Client
+
+    reply = Client(app.local_url, verbose=False).predict(
+        {"text": "hello, what can you do?", "files": []}, "flamingo-easyvqa", api_name="/chat"
+    )
+    assert "trained only on questions about a picture" in reply
+
+
+def test_the_model_panel_reads_the_card():
+    import json
+
+    from apps.model_panel import ModelFacts
+    from vlm.hub import WEIGHTS_DIR
+
+    facts = ModelFacts("llava-easyvqa")
+    card = json.loads((WEIGHTS_DIR / "llava-easyvqa" / "model_card.json").read_text())
+    assert facts.image_only and facts.image_size == 64
+    assert f"{card['test_metrics']['accuracy']:.1%}" in facts.markdown()
+
+
+def test_where_the_model_looked_shows_a_heatmap_on_demand(page):
+    _tab(page, "Chat")
+    page.locator("#chat-explain input").check()
+    picture = easyvqa.images("test")[8]
+    _ask(page, "what shape is it?", [picture.path])
+    sync_api.expect(page.locator("#chat-status")).to_contain_text("Heatmap: occlusion")
+    sync_api.expect(page.locator("#chatbot")).to_contain_text(f"{picture.shape}\n\n— llava-easyvqa")
+    sync_api.expect(page.locator("#chatbot").locator(".bot-row img, [data-testid=bot] img")).to_have_count(1)
+
+
+def test_the_heatmap_lights_the_shape_not_the_background():
+    from apps.heatmap import patch_saliency
+    from vlm import load_vlm
+    from vlm.images import load_image
+
+    picture = easyvqa.images("test")[8]  # a red triangle in the top right corner
+    saliency = patch_saliency(load_vlm("llava-easyvqa"), load_image(picture.path), "what shape is it?", "triangle")
+    row, col = divmod(int(saliency.argmax()), saliency.shape[1])
+    assert row < saliency.shape[0] // 2 and col >= saliency.shape[1] // 2
