@@ -65,7 +65,9 @@ def make_images(folder: Path, count: int) -> list[Path]:
 
 def wall(command: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip().splitlines()[-1]}")
     return time.perf_counter() - started
 
 
@@ -131,8 +133,8 @@ def main() -> None:
         }
         seconds = {name: [] for name in runs}
         for repeat in range(args.repeats):  # interleaved, so load changes hit every run alike
-            for name, command in runs.items():
-                out = ["--out", str(tmp / f"index-{repeat}-{len(seconds[name])}")] if "index" in command else []
+            for run, (name, command) in enumerate(runs.items()):
+                out = ["--out", str(tmp / f"index-{repeat}-{run}")] if "index" in command else []
                 seconds[name].append(wall(command + out))
         overlaps = {}
         for model in (spec, "clip-easyvqa"):

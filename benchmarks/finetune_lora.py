@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="training images given the new style")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vlmstack finetune's)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: vlmstack finetune's")
     parser.add_argument("--check", type=int, default=300, help="test questions + captions for the adapter-off check")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -58,9 +60,10 @@ def main() -> None:
         data.write_text(
             "".join(json.dumps({"image": im.path, "caption": styled(im.shape, im.color)}) + "\n" for im in train)
         )
-        card, seconds = timed(
-            finetune, "llava-easyvqa", str(data), Path(tmp) / "adapter", options=FinetuneOptions(rank=args.rank)
-        )
+        options = FinetuneOptions(rank=args.rank)
+        options.train.lr = args.lr or options.train.lr
+        options.train.epochs = args.epochs or options.train.epochs
+        card, seconds = timed(finetune, "llava-easyvqa", str(data), Path(tmp) / "adapter", options=options)
         adapted = load_vlm(str(Path(tmp) / "adapter"))
         captions, caption_seconds = timed(
             answers, adapted, [im.path for im in test], [DEFAULT_CAPTION_PROMPT] * len(test)
@@ -112,8 +115,8 @@ def main() -> None:
     }
     sections = [
         f"LoRA rank {args.rank} (alpha {2 * args.rank}) on every Linear layer of the LM's decoder, projector frozen; "
-        f"{args.images} easyvqa:train images captioned `{styled('circle', 'red')}`; defaults of `vlmstack finetune` "
-        "(3 epochs, batch 16, lr 1e-3, bf16 autocast where native). Test: all 1,000 easyvqa:test images, prompt "
+        f"{args.images} easyvqa:train images captioned `{styled('circle', 'red')}`; {options.train.epochs} epochs, "
+        f"batch 16, lr {options.train.lr:g}, bf16 autocast where native. Test: all 1,000 easyvqa:test images, prompt "
         f"'{DEFAULT_CAPTION_PROMPT}'. Load average (1/5/15 min) before: {load_before}, after: {results['load_average_after']}.",
         "",
         "| measure | value | target |",
