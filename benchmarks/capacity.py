@@ -238,6 +238,13 @@ def _write(rows: list[dict], dim: int) -> None:
         "Peak RAM is the build process's maximum resident set. Rows measured after the streamed build stream the "
         "distinct vectors from the shards into vectors.npy and hold only the FAISS structure and its training sample; "
         "the 2026-11-23 rows held every vector in RAM. `measured` = date and commit. See docs/scale-out.md.",
+        "",
+        "Milvus rows: Milvus Lite (milvus-lite 3.2.2, a pure-Python engine running in the benchmark's process, "
+        "so its memory is in the peak) through pymilvus 3.0.2, IVF_FLAT with nlist 1,024 per segment of at most "
+        "100k rows; the build is the bulk load from the shards (20,000 rows per insert) plus Lite's flush and segment "
+        "indexing; disk = the .db folder plus the index directory (vectors.npy, metadata). A query goes through "
+        "gRPC to the in-process server and searches every segment. A Milvus standalone or cluster URI runs the same "
+        "code; it was not available on this machine.",
     ]
     commands = sorted({r["command"] for r in rows if "command" in r})
     notes += ["", "Rows measured in this format came from:"] + [f"- `{c}`" for c in commands]
