@@ -241,25 +241,6 @@ def vlmstack_refusal(directory: Path, dtype: torch.dtype) -> str | None:
     return None
 
 
-def bypass_siglip_size_check() -> None:
-    """Temporary, with --bypass-siglip-size-check: vlm/siglip.py requires image_size to be a
-    multiple of patch_size, which the real checkpoint's 384 and 14 are not (its patch conv, as
-    transformers', drops the last 6 pixels: 27 x 27 patches). Validate with the size floored."""
-    from vlm import siglip
-
-    check = siglip.SiglipConfig.__post_init__
-
-    def floored(config):
-        size = config.image_size
-        config.image_size = size - size % config.patch_size
-        try:
-            check(config)
-        finally:
-            config.image_size = size
-
-    siglip.SiglipConfig.__post_init__ = floored
-
-
 def load_ours(directory: Path, dtype: torch.dtype):
     from vlm.load import load_vlm
 
@@ -311,15 +292,13 @@ def load_worker(loader: str, directory: Path, dtype: torch.dtype) -> None:
     )
 
 
-def measure_loads(
-    directory: Path, dtype_name: str, loaders: list[str], repeats: int = REPEATS, worker_flags: list[str] = ()
-) -> dict:
+def measure_loads(directory: Path, dtype_name: str, loaders: list[str], repeats: int = REPEATS) -> dict:
     """Per loader, the runs of `repeats` fresh subprocesses (alternating loaders) and their medians."""
     runs = {name: [] for name in loaders}
     for _ in range(repeats):
         for name in loaders:
             command = [sys.executable, "-m", "benchmarks.hf_llava_real_size", "--load-worker", name]
-            command += ["--checkpoint", str(directory), "--dtype", dtype_name, *worker_flags]
+            command += ["--checkpoint", str(directory), "--dtype", dtype_name]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 raise SystemExit(f"{name} load failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -498,14 +477,6 @@ def float32_lines(float32: dict | None, sides: list[str]) -> list[str]:
 
 def refusal_lines(data: dict) -> list[str]:
     """What vlmstack said about the checkpoint when it did not simply load it."""
-    if data["bypassed_siglip_size_check"]:
-        return [
-            f"**vlmstack at {data['vlmstack_commit']} refuses this checkpoint**: `{data['vlmstack_refusal']}` "
-            "(384 / 14 is not whole; the real tower's patch conv drops the last 6 pixels, 27 x 27 patches). "
-            "The vlmstack figures below were measured with `--bypass-siglip-size-check`, which only lets "
-            "that validation pass (floored size); the rest is vlmstack's code as committed.",
-            "",
-        ]
     if data["transformers_only"]:
         reason = (
             f"vlmstack refused the checkpoint: `{data['vlmstack_refusal']}`"
@@ -620,9 +591,9 @@ def report(data: dict, dtype_name: str, transformers_only: bool) -> list[str]:
     ]
 
 
-def float32_batch_1(directory: Path, loaders: list[str], processor, bound: float, worker_flags: list[str]) -> dict:
+def float32_batch_1(directory: Path, loaders: list[str], processor, bound: float) -> dict:
     """The same comparison in float32, shorter: one load each, batch 1 only."""
-    loads = measure_loads(directory, "float32", loaders, repeats=1, worker_flags=worker_flags)
+    loads = measure_loads(directory, "float32", loaders, repeats=1)
     theirs = load_theirs(directory, torch.float32)
     ours = load_ours(directory, torch.float32) if "vlmstack" in loaders else None
     return {
@@ -638,11 +609,6 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 where native")
     parser.add_argument("--transformers-only", action="store_true", help="skip vlmstack (before it loads SigLIP)")
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 batch-1 comparison")
-    parser.add_argument(
-        "--bypass-siglip-size-check",
-        action="store_true",
-        help="temporary: let vlmstack load image_size 384 / patch_size 14 (see bypass_siglip_size_check)",
-    )
     parser.add_argument("--load-worker", choices=tuple(LOADERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from vlm.train.trainer import native_bf16
@@ -655,8 +621,6 @@ def main() -> None:
         dtype_name, reason = "float32", "this CPU has no native bfloat16"
     dtype = getattr(torch, dtype_name)
     if args.load_worker:
-        if args.bypass_siglip_size_check:
-            bypass_siglip_size_check()
         load_worker(args.load_worker, args.checkpoint, dtype)
         return
     torch.set_num_threads(2)
@@ -665,16 +629,10 @@ def main() -> None:
     from transformers import AutoProcessor
 
     refusal = None if args.transformers_only else vlmstack_refusal(args.checkpoint, dtype)
-    if refusal and args.bypass_siglip_size_check:
-        bypass_siglip_size_check()
-        still = vlmstack_refusal(args.checkpoint, dtype)
-        if still:
-            raise SystemExit(f"vlmstack still refuses the checkpoint with the bypass: {still}")
-    transformers_only = args.transformers_only or (refusal is not None and not args.bypass_siglip_size_check)
-    worker_flags = ["--bypass-siglip-size-check"] if args.bypass_siglip_size_check else []
+    transformers_only = args.transformers_only or refusal is not None
     loaders = ["transformers"] if transformers_only else ["vlmstack", "transformers"]
     bandwidth = copy_bandwidth()
-    loads = measure_loads(args.checkpoint, dtype_name, loaders, worker_flags=worker_flags)
+    loads = measure_loads(args.checkpoint, dtype_name, loaders)
     processor = AutoProcessor.from_pretrained(str(args.checkpoint))
     processor.tokenizer.padding_side = "left"
     theirs = load_theirs(args.checkpoint, dtype)
@@ -689,7 +647,7 @@ def main() -> None:
     if dtype_name == "bfloat16" and not args.no_float32:
         del ours, theirs
         gc.collect()
-        float32 = float32_batch_1(args.checkpoint, loaders, processor, bandwidth / (2 * per_token), worker_flags)
+        float32 = float32_batch_1(args.checkpoint, loaders, processor, bandwidth / (2 * per_token))
     text = CONFIG["text_config"]
     data = {
         "checkpoint": str(args.checkpoint),
@@ -703,7 +661,6 @@ def main() -> None:
             ["git", "status", "--short", "--", "vlm"], capture_output=True, text=True, cwd=ROOT
         ).stdout.split("\n")[:-1],
         "vlmstack_refusal": refusal,
-        "bypassed_siglip_size_check": bool(refusal and args.bypass_siglip_size_check),
         "sources": SOURCES,
         "parameters": parameters,
         "checkpoint_bytes": (args.checkpoint / "model.safetensors").stat().st_size,
