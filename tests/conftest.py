@@ -113,3 +113,15 @@ def tiny_clip_dir(tiny_clip, tmp_path_factory) -> str:
 def tiny_llava_dir(tiny_llava, tmp_path) -> str:
     tiny_llava.save(tmp_path / "llava")
     return str(tmp_path / "llava")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Four shape pictures, two in a subfolder: a small folder to index."""
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    for i, (color, shape) in enumerate(
+        [("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]
+    ):
+        draw_shape(color, shape, offset=i).save(root / ("sub" if i % 2 else ".") / f"{color}-{shape}.png")
+    return root

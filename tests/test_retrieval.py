@@ -13,17 +13,6 @@ from tests.helpers import draw_shape
 from vlm.errors import VlmError
 
 
-@pytest.fixture
-def folder(tmp_path):
-    root = tmp_path / "pictures"
-    (root / "sub").mkdir(parents=True)
-    for i, (color, shape) in enumerate(
-        [("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]
-    ):
-        draw_shape(color, shape, offset=i).save(root / ("sub" if i % 2 else ".") / f"{color}-{shape}.png")
-    return root
-
-
 def _paths(hits):
     return [os.path.basename(h.path) for h in hits]
 

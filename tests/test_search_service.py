@@ -19,17 +19,6 @@ QUERIES = ["a red circle", "a blue rectangle", "green", "red circle - triangle",
 
 
 @pytest.fixture
-def folder(tmp_path):
-    root = tmp_path / "pictures"
-    (root / "sub").mkdir(parents=True)
-    for i, (color, shape) in enumerate(
-        [("red", "circle"), ("blue", "rectangle"), ("green", "circle"), ("red", "rectangle")]
-    ):
-        draw_shape(color, shape, offset=i).save(root / ("sub" if i % 2 else ".") / f"{color}-{shape}.png")
-    return root
-
-
-@pytest.fixture
 def index(folder, tmp_path, tiny_clip_dir):
     build_index(folder, tmp_path / "idx", model=tiny_clip_dir, workers=0, progress=False)
     return tmp_path / "idx"
