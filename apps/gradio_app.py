@@ -40,10 +40,11 @@ from pathlib import Path
 import gradio as gr
 import torch
 from gradio.utils import get_upload_folder
+from PIL import Image
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
-from apps.heatmap import draw, patch_saliency
+from apps.heatmap import METHOD, answer_saliency, draw
 from apps.model_panel import ModelFacts, example_messages
 from apps.search_service import SearchService
 from apps.web_safety import (
@@ -209,12 +210,12 @@ def history_to_turns(history: list[dict]) -> tuple[list[tuple[str, str]], list[s
     return turns, images
 
 
-def served_pictures(engine: SearchService | Searcher, hits) -> list[tuple]:
+def served_pictures(engine: SearchService | Searcher, hits) -> tuple[list[tuple], list[str]]:
     """(thumbnail file, "score  relative path") per hit the index holds inside its folder
-    and that still reads; the others are left out and logged. The thumbnails are cached
+    and that still reads, and those hits' paths; the others are left out and logged. The thumbnails are cached
     by `engine` and written once into Gradio's cache folder, which Gradio serves as is
     (no re-encoding or copying per request)."""
-    pictures = []
+    pictures, paths = [], []
     for hit in hits:
         try:
             thumbnail = engine.thumbnail(hit.path)
@@ -226,7 +227,15 @@ def served_pictures(engine: SearchService | Searcher, hits) -> list[tuple]:
             continue
         file = _thumbnail_file(thumbnail, Path(hit.path).stem)
         pictures.append((file, f"{hit.score:.3f}  {os.path.relpath(hit.path, engine.root)}"))
-    return pictures
+        paths.append(hit.path)
+    return pictures, paths
+
+
+def _map_file(picture: Image.Image, saliency) -> str:
+    """A heatmap (apps/heatmap.draw) as a PNG file in Gradio's cache folder."""
+    buffer = io.BytesIO()
+    draw(picture, saliency).save(buffer, format="PNG")
+    return _thumbnail_file(buffer.getvalue(), "where-it-looked")
 
 
 def _thumbnail_file(data: bytes, stem: str) -> str:
@@ -329,17 +338,23 @@ def build_app(
         return hits
 
     def search_api(query: str, image: str | None, k: float):
-        return served_pictures(search_service(), search(query, image, k))
+        return served_pictures(search_service(), search(query, image, k))[0]
 
     def search_page(query: str, image: str | None, k: float, progress=gr.Progress(track_tqdm=True)):
-        """The Search tab: (gallery, status line); the first search says it builds the index."""
+        """The Search tab: (gallery, status line, the search as a state for match maps,
+        the match map cleared); the first search says it builds the index."""
         if not index_ready():
-            yield gr.skip(), "Building the demo index of the 1,000 easy-VQA test pictures (first search only)…"
+            yield (
+                gr.skip(),
+                "Building the demo index of the 1,000 easy-VQA test pictures (first search only)…",
+                {},
+                None,
+            )
             search_service(progress=True)
         try:
             hits = search(query, image, k)
         except gr.Error as e:
-            yield [], f"⚠ {e.message}"
+            yield [], f"⚠ {e.message}", {}, None
             return
         engine = search_service()
         status = f"{len(hits)} results · best score {hits[0].score:.3f}" if hits else "No results."
@@ -351,7 +366,20 @@ def build_app(
                     f"({usual:.3f}, what a generic query like “a picture” reaches). Check the spelling, "
                     "or describe a colour and a shape."
                 )
-        yield served_pictures(engine, hits), status
+        pictures, paths = served_pictures(engine, hits)
+        searched = {"query": (query or "").strip() or None, "image": image, "paths": paths}
+        yield pictures, status, searched, None
+
+    @readable_errors
+    def match_map(searched: dict, selected: gr.SelectData) -> tuple[str, str]:
+        """(file, note): where the clicked hit matches the search that found it."""
+        paths = (searched or {}).get("paths") or []
+        if not isinstance(selected.index, int) or not 0 <= selected.index < len(paths):
+            raise gr.Error("Search again, then click a result.")
+        image = searched.get("image")
+        example = load_uploads([image], max_images=1, max_pixels=MAX_REQUEST_PIXELS)[0] if image else None
+        picture, saliency = search_service().match_map(paths[selected.index], query=searched["query"], image=example)
+        return _map_file(picture, saliency), f"Where the result matches the search, by {METHOD}."
 
     def chat_parts(message: dict) -> tuple[list[str], str]:
         message = message or {}
@@ -412,18 +440,13 @@ def build_app(
 
     def heatmap(model_name: str, conversation: list[dict]) -> tuple[str | None, str]:
         """(file, note) of where the model looked for the last answer, on the latest picture."""
-        if facts[model_name].kind != "llava":
-            return None, "“Where the model looked” covers LLaVA-style models only."
         paths = [_file_path(p) for m in conversation if m["role"] == "user" for p in m["content"] if _file_path(p)]
         if not paths:
             return None, ""
         question = next(p["text"] for p in reversed(conversation[-2]["content"]) if "text" in p)
         [picture] = load_uploads(paths[-1:], max_images=1, max_pixels=MAX_REQUEST_PIXELS)
-        saliency = patch_saliency(loaded.get(model_name), picture, question, conversation[-1]["content"])
-        buffer = io.BytesIO()
-        draw(picture, saliency).save(buffer, format="PNG")
-        note = "Heatmap: occlusion, each patch painted over in turn (bright = the answer depended on it)."
-        return _thumbnail_file(buffer.getvalue(), "where-it-looked"), note
+        saliency = answer_saliency(loaded.get(model_name), picture, question, conversation[-1]["content"])
+        return _map_file(picture, saliency), f"Where the model looked, by {METHOD}."
 
     def chat_page(message: dict, conversation: list[dict] | None, model_name: str, explain: bool = False):
         """The Chat tab: yields (chatbot, conversation, textbox, status). Errors become the
@@ -537,6 +560,17 @@ def build_app(
             search_button = gr.Button("Search", variant="primary")
             search_status = gr.Markdown(elem_id="search-status")
             gallery = gr.Gallery(label="Results (score, path)", columns=6, height=520, elem_id="results")
+            searched = gr.State({})
+            with gr.Row():
+                hit_map = gr.Image(
+                    label="Where the clicked result matches the search",
+                    type="filepath",
+                    height=256,
+                    width=256,
+                    interactive=False,
+                    elem_id="match-map",
+                )
+                hit_note = gr.Markdown("Click a result to see where it matches the search.", elem_id="match-note")
             query_examples = gr.Examples(
                 ["a red circle", "a blue triangle", "green - circle", "2:yellow + rectangle"], [query], label="Try"
             )
@@ -545,8 +579,13 @@ def build_app(
             searching = {"concurrency_limit": SEARCH_CONCURRENCY, "concurrency_id": "search"}
             for trigger in (search_button.click, query.submit, query_examples.load_input_event.then):
                 trigger(
-                    search_page, [query, query_image, k], [gallery, search_status], api_name=False, **searching
+                    search_page,
+                    [query, query_image, k],
+                    [gallery, search_status, searched, hit_map],
+                    api_name=False,
+                    **searching,
                 ).then(None, js=SCROLL_RESULTS_TO_TOP)
+            gallery.select(match_map, searched, [hit_map, hit_note], api_name=False, **searching)
             api_search = gr.Button(visible=False)
             api_search.click(search_api, [query, query_image, k], gallery, api_name="search", **searching)
         with gr.Tab("Chat"):
@@ -564,7 +603,8 @@ def build_app(
                 elem_id="chat-input",
             )
             explain = gr.Checkbox(
-                label="Show where the model looked (a heatmap over the picture; LLaVA models)", elem_id="chat-explain"
+                label="Show where the model looked (a heatmap over the latest picture, by occlusion)",
+                elem_id="chat-explain",
             )
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")

@@ -4,6 +4,7 @@
     service.embed_texts(["a red circle"])                # (N, dim) float32, L2-normalised
     service.search_text("a red circle", k=10)            # -> [Hit(rank, score, path)]
     service.thumbnail(hit.path)                          # JPEG bytes, only for indexed files
+    service.match_map(hit.path, query="a red circle")    # (picture, heat): where it matched
 
 Requests arrive on many threads; their CLIP encodings go through a MicroBatcher, whose
 one worker thread runs the requests that arrive within `max_wait_ms` of each other (up to
@@ -26,11 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apps.heatmap import match_saliency
 from retrieval import Hit, Searcher
 from retrieval.index import DEFAULT_MODEL
 from vlm.clip import Clip, load_clip
 from vlm.errors import VlmError
-from vlm.images import ImageSource
+from vlm.images import ImageSource, load_image
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,21 @@ class SearchService:
     def search_image(self, image: Image.Image, k: int, *, text: str | None = None) -> list[Hit]:
         """Hits for pictures like `image` (plus the `text` query's terms, if given)."""
         return self._index().search_image(image, k=k, text=text)
+
+    def match_map(self, path: str, *, query: str | None = None, image: Image.Image | None = None):
+        """(picture, (g, g) heat in [0, 1]): where the indexed file at `path` matches the
+        search for `query` and/or `image` (apps/heatmap.match_saliency).
+
+        Raises:
+            KeyError: `path` is not an indexed file inside the folder (nothing is opened).
+            VlmError: no index, an empty query, or the file cannot be read as an image.
+        """
+        searcher = self._index()
+        resolved = searcher.resolve(path)
+        if resolved is None:
+            raise KeyError(f"not an indexed file: {str(path)[:200]}")
+        picture = load_image(resolved)
+        return picture, match_saliency(self._clip, picture, searcher.query_vector(text=query, image=image))
 
     def thumbnail(self, path: str) -> bytes:
         """JPEG bytes of a cached thumbnail (256 px long side) of a file the index holds.

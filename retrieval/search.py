@@ -90,14 +90,18 @@ class Searcher:
     def search_text(self, query: str, *, k: int = 10, min_score: float | None = None) -> list[Hit]:
         return self.search_vector(self.text_vector(query), k=k, min_score=min_score)
 
+    def query_vector(self, *, text: str | None = None, image: ImageSource | None = None) -> np.ndarray:
+        """(D,) normalised vector of a search: the text query, the example image, or both summed."""
+        if image is None:
+            return self.text_vector(text or "")
+        vector = self.image_vector(image)
+        return _normalise(vector + self.text_vector(text)) if text else vector
+
     def search_image(
         self, image: ImageSource, *, k: int = 10, min_score: float | None = None, text: str | None = None
     ) -> list[Hit]:
         """Images like `image` (plus `text` terms, if given)."""
-        vector = self.image_vector(image)
-        if text:
-            vector = _normalise(vector + self.text_vector(text))
-        return self.search_vector(vector, k=k, min_score=min_score)
+        return self.search_vector(self.query_vector(text=text, image=image), k=k, min_score=min_score)
 
     def search_vector(self, vector: np.ndarray, *, k: int = 10, min_score: float | None = None) -> list[Hit]:
         if k < 1:

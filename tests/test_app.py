@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -105,8 +106,9 @@ def test_search_serves_only_files_inside_the_indexed_folder(tmp_path, tiny_clip_
     searcher = Searcher.open(tmp_path / "idx")
     hits = searcher.search_text("a red circle", k=10)
     assert len(hits) == 3
-    served = served_pictures(searcher, hits)
+    served, paths = served_pictures(searcher, hits)
     assert sorted(label.split()[-1] for _, label in served) == ["blue.png", "red.png"]
+    assert sorted(Path(p).name for p in paths) == ["blue.png", "red.png"]  # the hits the pictures show
 
 
 def _call(app, api_name: str, data: list, *, headers: dict | None = None, timeout: float = 60) -> tuple[str, str]:

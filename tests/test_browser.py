@@ -225,17 +225,15 @@ def test_where_the_model_looked_shows_a_heatmap_on_demand(page):
     page.locator("#chat-explain input").check()
     picture = easyvqa.images("test")[8]
     _ask(page, "what shape is it?", [picture.path])
-    sync_api.expect(page.locator("#chat-status")).to_contain_text("Heatmap: occlusion")
+    sync_api.expect(page.locator("#chat-status")).to_contain_text("Where the model looked, by occlusion")
     sync_api.expect(page.locator("#chatbot")).to_contain_text(f"{picture.shape}\n\n— llava-easyvqa")
     sync_api.expect(page.locator("#chatbot").locator(".bot-row img, [data-testid=bot] img")).to_have_count(1)
 
 
-def test_the_heatmap_lights_the_shape_not_the_background():
-    from apps.heatmap import patch_saliency
-    from vlm import load_vlm
-    from vlm.images import load_image
-
-    picture = easyvqa.images("test")[8]  # a red triangle in the top right corner
-    saliency = patch_saliency(load_vlm("llava-easyvqa"), load_image(picture.path), "what shape is it?", "triangle")
-    row, col = divmod(int(saliency.argmax()), saliency.shape[1])
-    assert row < saliency.shape[0] // 2 and col >= saliency.shape[1] // 2
+def test_clicking_a_search_result_shows_where_it_matches(page):
+    page.get_by_label("Query").fill("a green circle")
+    page.get_by_role("button", name="Search", exact=True).click()
+    sync_api.expect(page.locator("#search-status")).to_contain_text("results", timeout=120_000)
+    page.locator("#results .thumbnail-item, #results button img").first.click()
+    sync_api.expect(page.locator("#match-note")).to_contain_text("by occlusion")
+    sync_api.expect(page.locator("#match-map img")).to_have_count(1)

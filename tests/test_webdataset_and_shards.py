@@ -133,7 +133,7 @@ def test_webdataset_embeddings_make_a_searchable_but_not_updatable_index(tar_sha
     assert report.count == 5 and len(report.failed) == 1
     hits = Searcher.open(tmp_path / "idx").search_text("a red circle", k=5)
     assert all(".tar#" in hit.path for hit in hits)
-    assert len(served_pictures(Searcher.open(tmp_path / "idx"), hits)) == 5
+    assert len(served_pictures(Searcher.open(tmp_path / "idx"), hits)[0]) == 5
     with pytest.raises(VlmError, match="webdataset shards"):
         index_module.update_index(tmp_path / "idx", progress=False)
 
