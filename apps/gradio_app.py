@@ -358,7 +358,15 @@ def build_app(
             return
         engine = search_service()
         status = f"{len(hits)} results · best score {hits[0].score:.3f}" if hits else "No results."
-        if hits and image is None:
+        unknown = ModelFacts(engine.clip_name).unknown_words(query or "")
+        if hits and unknown:
+            status = (
+                f"**No close match**: {engine.clip_name} learned only the words of its training captions "
+                f"(a colour and a shape: {', '.join(easyvqa.COLORS)}; {', '.join(easyvqa.SHAPES)}) and never saw "
+                + ", ".join(f"“{w}”" for w in unknown[:5])
+                + ", so these results are guesses."
+            )
+        elif hits and image is None:
             usual = usual_best_score(engine)
             if hits[0].score < usual:
                 status = (

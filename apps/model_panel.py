@@ -9,6 +9,7 @@ guess. A model without a card (an imported checkpoint) is trusted to chat withou
 """
 
 import json
+import re
 from pathlib import Path
 
 from vlm.data import easyvqa
@@ -64,6 +65,17 @@ class ModelFacts:
     def image_only(self) -> bool:
         """Trained only on examples with a picture (see the module docstring)."""
         return bool(self.sources) and all(s.startswith(IMAGE_ONLY_SOURCES) for s in self.sources)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` that none of an easy-VQA model's training captions holds
+        ("a <colour> <shape>"), in order; [] for other models (their words are not known
+        here). A CLIP trained on 11 words maps every other word somewhere among them, so
+        such a query scores as high as a good one: this is how the app tells them apart."""
+        if not self.easyvqa:
+            return []
+        known = {"a", *easyvqa.COLORS, *easyvqa.SHAPES}
+        words = re.findall(r"[^\W\d_]+", text.lower())
+        return list(dict.fromkeys(w for w in words if w not in known))
 
     def accuracy(self) -> dict | None:
         metrics = self.card.get("test_metrics") or {}

@@ -178,6 +178,9 @@ def test_a_new_search_starts_at_the_top(page):
     query.fill("redd cirle")
     page.get_by_role("button", name="Search", exact=True).click()
     sync_api.expect(page.locator("#search-status")).to_contain_text("No close match")
+    query.fill("a dog on a beach")  # fluent, but words the model never saw: it scores 0.90
+    page.get_by_role("button", name="Search", exact=True).click()
+    sync_api.expect(page.locator("#search-status")).to_contain_text("never saw “dog”, “on”, “beach”")
     page.get_by_role("button", name="2:yellow + rectangle").click()  # an example query runs
     sync_api.expect(page.locator("#search-status")).to_contain_text("results · best score")
     assert page.get_by_label("Query").input_value() == "2:yellow + rectangle"
@@ -218,6 +221,19 @@ def test_the_model_panel_reads_the_card():
     card = json.loads((WEIGHTS_DIR / "llava-easyvqa" / "model_card.json").read_text())
     assert facts.image_only and facts.image_size == 64
     assert f"{card['test_metrics']['accuracy']:.1%}" in facts.markdown()
+
+
+def test_words_an_easyvqa_model_never_saw_are_named():
+    from apps.model_panel import ModelFacts
+
+    assert ModelFacts("clip-easyvqa").unknown_words("2:Red circle - a dog on the beach") == [
+        "dog",
+        "on",
+        "the",
+        "beach",
+    ]
+    assert ModelFacts("clip-easyvqa").unknown_words("a blue triangle - gray + 3:yellow") == []
+    assert ModelFacts("no-such-model").unknown_words("a dog") == []  # nothing known about it: no claim
 
 
 def test_where_the_model_looked_shows_a_heatmap_on_demand(page):
