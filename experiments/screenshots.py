@@ -43,6 +43,9 @@ def main() -> None:
             page.get_by_label("Query").fill("a red circle")
             page.get_by_role("button", name="Search", exact=True).click()
             expect(page.locator("#search-status")).to_contain_text("best score")
+            page.locator("#results .thumbnail-item, #results button img").first.click()
+            expect(page.locator("#match-note")).to_contain_text("by occlusion")
+            page.keyboard.press("Escape")  # close the gallery's preview, keep the map
             page.wait_for_timeout(1500)  # thumbnails load
             page.screenshot(path=args.out / "search.png", full_page=True)
 
@@ -53,7 +56,7 @@ def main() -> None:
             page.locator("#chat-input input[type=file]").set_input_files([easyvqa.images("test")[8].path])
             page.locator("#chat-input textarea").fill("what shape is it?")
             page.locator("#chat-send").click()
-            expect(page.locator("#chat-status")).to_contain_text("Heatmap")
+            expect(page.locator("#chat-status")).to_contain_text("Where the model looked")
             page.wait_for_timeout(1500)
             page.screenshot(path=args.out / "chat.png", full_page=True)
 
