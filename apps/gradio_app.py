@@ -68,6 +68,7 @@ from vlm.hub import WEIGHTS_DIR, model_kind, resolve_dir, shipped_names
 from vlm.images import load_image
 from vlm.lm import IMAGE_TOKEN
 from vlm.load import VQA_KINDS, is_vqa_directory, load_vlm
+from vlm.quantize import Precision, clip_precision
 
 log = logging.getLogger(__name__)
 MAX_FILE_SIZE = "10mb"
@@ -142,10 +143,10 @@ class Models:
         *,
         capacity: int = MODELS_LOADED,
         trust_remote_code: bool = False,
-        dtype: str = "float32",
+        precision: Precision = Precision(),
     ):
         self.sources, self.capacity = dict(sources), capacity
-        self.trust_remote_code, self.dtype = trust_remote_code, dtype
+        self.trust_remote_code, self.precision = trust_remote_code, precision
         self.allowed = list(self.sources)
         self._models: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -157,7 +158,10 @@ class Models:
         with self._lock:
             if name not in self._models:
                 self._models[name] = load_vlm(
-                    self.sources[name], trust_remote_code=self.trust_remote_code, dtype=self.dtype
+                    self.sources[name],
+                    trust_remote_code=self.trust_remote_code,
+                    dtype=self.precision.dtype,
+                    quantize=self.precision.quantize,
                 )
             self._models.move_to_end(name)
             while len(self._models) > self.capacity:
@@ -287,14 +291,14 @@ def build_app(
     remote_host: str | None = None,
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
-    dtype: str = "float32",
+    precision: Precision = Precision(),
     search: SearchService | None = None,
 ) -> gr.Blocks:
     """The app's page. `models`: VQA model directories (or hf:ORG/NAME) offered beside the
     shipped ones; `remote_host`: the non-loopback address served, which the page warns
-    about; `trust_remote_code`: let a model's LM run Python code saved with it; `dtype`:
-    the models' compute dtype (vlm.load.compute_dtype); `search`: the SearchService to use
-    (default: one made at the first search, on `index` or the demo index).
+    about; `trust_remote_code`: let a model's LM run Python code saved with it; `precision`:
+    how the VQA models and the search CLIP compute (--dtype, --quantize); `search`: the
+    SearchService to use (default: one made at the first search, on `index` or the demo index).
 
     Raises:
         VlmError: `index` is not an index, or a `models` entry is not a VQA model.
@@ -304,7 +308,7 @@ def build_app(
     sources = vqa_model_sources(list(models))
     names = list(sources)
     facts = {name: ModelFacts(name, sources[name]) for name in names}
-    loaded = Models(sources, trust_remote_code=trust_remote_code, dtype=dtype)
+    loaded = Models(sources, trust_remote_code=trust_remote_code, precision=precision)
     service_cache: list[SearchService] = [search] if search is not None else []
     service_lock = threading.Lock()
     usual_best: dict[int, float] = {}
@@ -312,7 +316,8 @@ def build_app(
     def search_service(progress: bool = False) -> SearchService:
         with service_lock:  # two first searches must not both build the default index
             if not service_cache:
-                service_cache.append(SearchService(index=index or default_index(progress=progress)))
+                with clip_precision(precision):
+                    service_cache.append(SearchService(index=index or default_index(progress=progress)))
             return service_cache[0]
 
     def index_ready() -> bool:
@@ -676,7 +681,7 @@ def launch(
     block: bool = True,
     upload_max_age: int = UPLOAD_MAX_AGE,
     trust_remote_code: bool = False,
-    dtype: str = "float32",
+    precision: Precision = Precision(),
     api: bool = False,
     api_key: str | None = None,
 ) -> gr.Blocks:
@@ -703,13 +708,14 @@ def launch(
     if api:
         from apps.server import build_api
 
-        search = SearchService(index=index or default_index())
+        with clip_precision(precision):
+            search = SearchService(index=index or default_index())
         served = build_api(
             models=models,
             api_key=api_key,
             loopback_only=not remote,
             trust_remote_code=trust_remote_code,
-            dtype=dtype,
+            precision=precision,
             search=search,
         )
         routes = [Mount(API_PATH, app=served)]
@@ -720,7 +726,7 @@ def launch(
         remote_host=host if remote else None,
         upload_max_age=upload_max_age,
         trust_remote_code=trust_remote_code,
-        dtype=dtype,
+        precision=precision,
         search=search,
     )
     guard = Middleware(SameOriginOnly, hosts=None if remote else LOOPBACK_HOSTS)

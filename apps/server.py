@@ -49,6 +49,7 @@ from apps.web_safety import check_bind, is_loopback
 from vlm import hub
 from vlm.errors import VlmError
 from vlm.generation import GenerationConfig
+from vlm.quantize import Precision, clip_precision
 
 log = logging.getLogger("vlmstack.server")
 MODELS_LOADED = 2
@@ -67,9 +68,11 @@ class Engines:
     loaded (the least recently used is closed in the background, finishing its requests).
     Never loads or probes a name outside `sources`. Thread-safe."""
 
-    def __init__(self, sources: dict[str, str], *, capacity: int, max_batch: int, trust_remote_code: bool, dtype: str):
+    def __init__(
+        self, sources: dict[str, str], *, capacity: int, max_batch: int, trust_remote_code: bool, precision: Precision
+    ):
         self.sources, self.capacity, self.max_batch = dict(sources), capacity, max_batch
-        self.trust_remote_code, self.dtype = trust_remote_code, dtype
+        self.trust_remote_code, self.precision = trust_remote_code, precision
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()  # guards the two dicts
         self._loading: dict[str, threading.Lock] = {}
@@ -107,7 +110,12 @@ class Engines:
         from vlm.scheduler import GenerationScheduler
 
         log.info("loading %s", name)
-        model = load_vlm(self.sources[name], trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+        model = load_vlm(
+            self.sources[name],
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.precision.dtype,
+            quantize=self.precision.quantize,
+        )
         return Engine(model, GenerationScheduler(model, max_batch=self.max_batch))
 
     def loaded(self) -> list[str]:
@@ -145,7 +153,7 @@ def build_api(
     max_batch: int = 16,
     loopback_only: bool = True,
     trust_remote_code: bool = False,
-    dtype: str = "float32",
+    precision: Precision = Precision(),
     search=None,
 ) -> FastAPI:
     """The API as a FastAPI app.
@@ -158,19 +166,21 @@ def build_api(
         allow_remote_images: fetch http(s) image URLs (else only data: URLs).
         max_batch: requests a model's scheduler generates together.
         loopback_only: refuse Host headers that are not loopback names (bound to loopback).
+        precision: how the VQA models and the search CLIP compute (--dtype, --quantize).
     Raises:
         VlmError: a `models` entry that is not a VQA model.
     """
     sources = vqa_sources(models)
     kinds = {name: _kind(source) for name, source in sources.items()}
     engines = Engines(
-        sources, capacity=MODELS_LOADED, max_batch=max_batch, trust_remote_code=trust_remote_code, dtype=dtype
+        sources, capacity=MODELS_LOADED, max_batch=max_batch, trust_remote_code=trust_remote_code, precision=precision
     )
     owns_search = search is None
     if owns_search:
         from apps.search_service import SearchService
 
-        search = SearchService(index=index, clip=clip_model)
+        with clip_precision(precision):
+            search = SearchService(index=index, clip=clip_model)
     policy = ImagePolicy(allow_remote=allow_remote_images)
 
     @contextlib.asynccontextmanager

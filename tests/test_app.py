@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -350,3 +351,27 @@ def test_the_app_also_serves_the_openai_api_with_api(tmp_path):
         assert page.predict("a blue rectangle", None, 1, api_name="/search")[0]  # the page searches too
     finally:
         app.close()
+
+
+def test_app_and_serve_load_models_in_the_precision_asked(monkeypatch):
+    """`vlmstack app/serve --quantize int8 --dtype ...` reach the models they load."""
+    import apps.gradio_app
+    import apps.server
+    from apps.gradio_app import Models
+    from vlm.cli import EXIT_USAGE, main
+    from vlm.quantize import Precision
+
+    seen = {}
+    monkeypatch.setattr(apps.gradio_app, "launch", lambda **kwargs: seen.setdefault("app", kwargs["precision"]))
+    monkeypatch.setattr(apps.server, "serve", lambda **kwargs: seen.setdefault("serve", kwargs["precision"]))
+    assert main(["app", "--quantize", "int8"]) == 0
+    assert main(["serve", "--dtype", "bfloat16"]) == 0
+    assert seen == {"app": Precision(quantize="int8"), "serve": Precision(dtype="bfloat16")}
+    assert main(["app", "--quantize", "int8", "--dtype", "bfloat16"]) == EXIT_USAGE  # refused before serving
+
+    picture = easyvqa.images("test")[8]
+    plain = Models({"llava-easyvqa": "llava-easyvqa"}).get("llava-easyvqa")
+    int8 = Models({"llava-easyvqa": "llava-easyvqa"}, precision=Precision(quantize="int8")).get("llava-easyvqa")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.modules())
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in plain.modules())
+    assert int8.answer(picture.path, "what shape is it?") == plain.answer(picture.path, "what shape is it?")

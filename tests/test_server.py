@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import draw_good_images, draw_shape
+from vlm.quantize import Precision
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -371,7 +372,9 @@ def test_at_most_two_models_stay_loaded_and_the_evicted_one_is_closed():
         def _load(self, name):
             return Engine(model=None, scheduler=Scheduler(name))
 
-    engines = Counted({"a": "a", "b": "b", "c": "c"}, capacity=2, max_batch=4, trust_remote_code=False, dtype="float32")
+    engines = Counted(
+        {"a": "a", "b": "b", "c": "c"}, capacity=2, max_batch=4, trust_remote_code=False, precision=Precision()
+    )
     for name in ("a", "b", "a", "c"):
         engines.get(name)
     assert engines.loaded() == ["a", "c"]

@@ -214,7 +214,7 @@ def _app(args) -> None:
         port=args.port,
         allow_remote=args.allow_remote,
         trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype,
+        precision=_precision(args),
         api=args.api,
         api_key=args.api_key or os.environ.get("VLMSTACK_API_KEY") or None,
     )
@@ -233,7 +233,7 @@ def _serve(args) -> None:
         allow_remote_images=args.allow_remote_images,
         max_batch=args.max_batch,
         trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype,
+        precision=_precision(args),
     )
 
 
@@ -309,35 +309,37 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_loading_arguments(parser: argparse.ArgumentParser, *, quantize: bool = True) -> None:
+def _model_loading_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow a model whose LM runs Python code saved with it (imported OpenFlamingo-3B's MPT); "
         "that code runs with your permissions",
     )
-    _precision_arguments(parser, quantize=quantize)
+    _precision_arguments(parser)
 
 
-def _precision_arguments(parser: argparse.ArgumentParser, *, quantize: bool = True) -> None:
+def _precision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16"],
         help="compute dtype; bfloat16 halves the memory where the CPU computes it natively (else float32, warned)",
     )
-    if quantize:
-        parser.add_argument(
-            "--quantize",
-            default=None,
-            choices=["int8"],
-            help="int8: dynamic int8 linear layers (float32 elsewhere; falls back to float32 without int8 kernels)",
-        )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="int8: dynamic int8 linear layers (float32 elsewhere; falls back to float32 without int8 kernels)",
+    )
 
 
 def _precision(args):
-    from vlm.quantize import Precision
+    """--dtype and --quantize, checked now (the app and the server load models later)."""
+    from vlm.load import DTYPES
+    from vlm.quantize import Precision, check_quantize
 
+    check_quantize(args.quantize, DTYPES[args.dtype])
     return Precision(dtype=args.dtype, quantize=args.quantize)
 
 
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api", action="store_true", help="also serve the OpenAI-compatible API (as vlmstack serve) at /openai/v1"
     )
     app.add_argument("--api-key", default=None, help="key the --api routes require (default: $VLMSTACK_API_KEY)")
-    _model_loading_arguments(app, quantize=False)
+    _model_loading_arguments(app)
     app.set_defaults(run=_app)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API: chat with images, embeddings, search")
@@ -521,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public addresses only)"
     )
     serve.add_argument("--max-batch", type=whole(1, 256), default=16, help="chat requests generated together")
-    _model_loading_arguments(serve, quantize=False)
+    _model_loading_arguments(serve)
     serve.set_defaults(run=_serve)
 
     tune = commands.add_parser("finetune", help="LoRA-fine-tune a VQA model on your images; writes a small adapter")
