@@ -35,20 +35,15 @@ def test_unknown_recipe_lists_the_named_ones(tmp_path, capsys):
     assert "clip-easyvqa" in capsys.readouterr().err
 
 
-def test_every_shipped_recipe_loads_into_its_recipe_class():
-    from vlm.train.clip import ClipRecipe
-    from vlm.train.flamingo import FlamingoRecipe
-    from vlm.train.llava import LlavaRecipe
-    from vlm.train.lm import LmRecipe
-    from vlm.train.recipes import load_recipe, recipe_names
+def test_every_shipped_recipe_is_a_pipeline_of_its_kind():
+    from vlm.train.recipes import load_pipeline, recipe_class, recipe_names
 
-    classes = {"clip": ClipRecipe, "lm": LmRecipe, "llava": LlavaRecipe, "flamingo": FlamingoRecipe}
-    names = {kind: recipe_names(kind) for kind in classes}
-    assert "llava-easyvqa-anneal" in names["llava"] and "flamingo-easyvqa-pairs" in names["flamingo"]
-    for kind, cls in classes.items():
-        for name in names[kind]:
-            recipe, data = load_recipe(cls, name, kind)  # unknown keys (a typo) raise VlmError
-            assert isinstance(recipe, cls) and data
+    names = {kind: recipe_names(kind) for kind in ("clip", "lm", "llava", "flamingo")}
+    assert names["llava"] == ["llava-easyvqa"] and names["flamingo"] == ["flamingo-easyvqa"]
+    for kind, kind_names in names.items():
+        for name in kind_names:
+            pipeline = load_pipeline(name, kind)  # unknown keys (a typo) raise VlmError
+            assert pipeline.phases[-1].kind == kind and isinstance(pipeline.phases[-1].recipe, recipe_class(kind))
 
 
 def test_eval_prints_the_contract_json_last(tiny_clip, tmp_path, shapes_dataset, capsys):
@@ -76,13 +71,9 @@ def test_eval_clip_with_no_readable_image_is_a_user_error(tiny_clip, tmp_path, c
 
 def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert (
-        main(["train", "clip", "--recipe", "clip-easyvqa", "--out", str(tmp_path / "r"), "--init", "clip-easyvqa"]) == 2
+        main(["train", "flamingo", "--recipe", "flamingo-easyvqa", "--out", str(tmp_path / "r"), "--phase", "x"]) == 2
     )
-    assert "--init continues llava and flamingo" in capsys.readouterr().err
-    assert (
-        main(["train", "flamingo", "--recipe", "flamingo-easyvqa", "--out", str(tmp_path / "r"), "--stage", "2"]) == 2
-    )
-    assert "--stage applies to train llava only" in capsys.readouterr().err
+    assert "has no phase 'x'; its phases: lm, base, pairs" in capsys.readouterr().err
     assert (
         main(
             [

@@ -51,6 +51,6 @@ def test_llava_trains_with_two_processes(tmp_path, shapes_dataset, pretrained_di
     one = _train(tmp_path, "llava", recipe, "one", 1)
     two = _train(tmp_path, "llava", recipe, "two", 2)
     assert two == pytest.approx(one, rel=TOLERANCE)
-    assert (tmp_path / "two" / "stage1" / "model.safetensors").is_file() and (
+    assert (tmp_path / "two" / "phases" / "stage1" / "model.safetensors").is_file() and (
         tmp_path / "two" / "model.safetensors"
     ).is_file()

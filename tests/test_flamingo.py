@@ -218,7 +218,7 @@ def test_pair_recall_follow_ups_name_the_first_images_attribute():
 
 def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
     from vlm.load import load_vlm
-    from vlm.train.flamingo import train_flamingo
+    from vlm.train.pipeline import train_pipeline
 
     clip_dir, lm_dir = pretrained_dirs
     names = sorted(p.name for p in (shapes_dataset.parent / "images").iterdir())
@@ -247,23 +247,26 @@ def test_training_end_to_end(tmp_path, pretrained_dirs, shapes_dataset):
         "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "workers": 0},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    metrics = train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "run")
+    metrics = train_pipeline("flamingo", str(tmp_path / "recipe.json"), tmp_path / "run")
     assert "val_answer_accuracy" in metrics
     model = load_vlm(str(tmp_path / "run"))
     assert isinstance(model, FlamingoModel)
     assert isinstance(model.chat([{"role": "user", "content": "<image>\n<image>\nsame color?"}], [RED, BLUE]), str)
 
-    # --init continues the trained model (nearly frozen here by a tiny lr), not a new one.
+    # "init" continues the trained model (nearly frozen here by a tiny lr), not a new one.
     recipe["train"]["lr"] = 1e-12
+    recipe["init"] = str(tmp_path / "run")
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "more", init=str(tmp_path / "run"))
+    train_pipeline("flamingo", str(tmp_path / "recipe.json"), tmp_path / "more")
     before, after = load_vlm(str(tmp_path / "run")), load_vlm(str(tmp_path / "more"))
     gates = [n for n, _ in before.named_parameters() if n.endswith("gate")]
     assert gates and any(before.get_parameter(n).item() != 0 for n in gates)
     for name, param in before.named_parameters():
         torch.testing.assert_close(after.get_parameter(name), param, atol=1e-6, rtol=0)
+    recipe["init"] = lm_dir
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(VlmError, match="not a shipped Flamingo model"):
-        train_flamingo(str(tmp_path / "recipe.json"), tmp_path / "bad", init=lm_dir)
+        train_pipeline("flamingo", str(tmp_path / "recipe.json"), tmp_path / "bad")
 
 
 def test_a_bfloat16_flamingo_answers_as_its_float32_self_nearly(tiny_flamingo):

@@ -226,7 +226,7 @@ def test_real_hf_lm_and_open_clip_vit_from_local_files(tmp_path, tiny_lm_and_tok
 
 def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, pretrained_dirs):
     from vlm.load import load_vlm
-    from vlm.train.llava import train_llava
+    from vlm.train.pipeline import train_pipeline
 
     clip_dir, lm_dir = pretrained_dirs
     conversations = [
@@ -251,15 +251,17 @@ def test_two_stage_training_end_to_end(tmp_path, shapes_dataset, pretrained_dirs
         "stage2": {"data": str(tmp_path / "conversations.json"), "train": train},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    metrics = train_llava(str(tmp_path / "recipe.json"), tmp_path / "run")
+    metrics = train_pipeline("llava", str(tmp_path / "recipe.json"), tmp_path / "run")  # a version 2 recipe
     assert "val_answer_accuracy" in metrics
-    assert json.loads((tmp_path / "run" / "stage1" / "model_card.json").read_text())["stage"] == 1
+    assert json.loads((tmp_path / "run" / "phases" / "stage1" / "model_card.json").read_text())["stage"] == 1
     model = load_vlm(str(tmp_path / "run"))
     assert isinstance(model, LlavaModel) and isinstance(model.answer(RED, "color?"), str)
-    with pytest.raises(VlmError, match="stage 2 starts from a LLaVA model"):
-        train_llava(str(tmp_path / "recipe.json"), tmp_path / "more", stage="2", init=lm_dir)
-    with pytest.raises(VlmError, match="run --stage 1 first"):
-        train_llava(str(tmp_path / "recipe.json"), tmp_path / "fresh", stage="2")
+    recipe["init"] = lm_dir
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(VlmError, match="is not a shipped LLaVA model or a LLaVA model directory"):
+        train_pipeline("llava", str(tmp_path / "recipe.json"), tmp_path / "more")
+    with pytest.raises(VlmError, match="run --phase stage1 first"):
+        train_pipeline("llava", str(tmp_path / "recipe.json"), tmp_path / "fresh", phase="stage2")
 
 
 def test_one_call_with_more_images_than_the_feature_cache_holds(tiny_llava, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from tests.helpers import logged_losses, tiny_clip_recipe, write_json
 from vlm.errors import VlmError
 from vlm.train import trainer as trainer_module
-from vlm.train.clip import train_clip
+from vlm.train.pipeline import train_pipeline
 from vlm.train.trainer import epoch_batches, lr_factor
 
 
@@ -20,15 +20,15 @@ def _recipe(tmp_path, data, **train) -> str:
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, shapes_dataset):
     recipe = _recipe(tmp_path, shapes_dataset, epochs=1)
-    train_clip(recipe, tmp_path / "run")
+    train_pipeline("clip", recipe, tmp_path / "run")
     with pytest.raises(VlmError, match="--resume"):
-        train_clip(recipe, tmp_path / "run")
+        train_pipeline("clip", recipe, tmp_path / "run")
 
 
 def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path, shapes_dataset, monkeypatch):
     recipe = _recipe(tmp_path, shapes_dataset, epochs=2, checkpoint_every=3)
     full = tmp_path / "full"
-    train_clip(recipe, full)
+    train_pipeline("clip", recipe, full)
 
     crashed = tmp_path / "crashed"
     original = trainer_module.Trainer._train_step
@@ -40,21 +40,22 @@ def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path, shapes_dataset, m
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        train_clip(recipe, crashed)
+        train_pipeline("clip", recipe, crashed)
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", original)
     assert json.loads((crashed / "checkpoint.json").read_text())["step"] == 6  # mid-epoch checkpoint
-    train_clip(recipe, crashed, resume=True)
+    train_pipeline("clip", recipe, crashed, resume=True)
     assert logged_losses(crashed) == pytest.approx(logged_losses(full), rel=1e-4)
 
 
 def test_half_written_checkpoint_is_refused(tmp_path, shapes_dataset):
     run = tmp_path / "run"
     recipe = _recipe(tmp_path, shapes_dataset, epochs=1)
-    train_clip(recipe, run)
+    train_pipeline("clip", recipe, run)
+    (run / "model_card.json").unlink()  # as if stopped before the end: resume loads the checkpoint
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(VlmError, match="checksum"):
-        train_clip(recipe, run, resume=True)
+        train_pipeline("clip", recipe, run, resume=True)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

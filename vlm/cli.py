@@ -59,28 +59,10 @@ def score(text: str) -> float:
 
 def _train(args) -> None:
     from vlm.train import distributed
+    from vlm.train.pipeline import train_pipeline
 
-    if args.init and args.kind in ("clip", "lm"):
-        raise VlmError(f"--init continues llava and flamingo models; train {args.kind} trains from its recipe")
-    if args.stage != "all" and args.kind != "llava":
-        raise VlmError("--stage applies to train llava only")
     distributed.init_from_env()  # under torchrun: join the process group
-    if args.kind == "clip":
-        from vlm.train.clip import train_clip
-
-        metrics = train_clip(args.recipe, args.out, resume=args.resume)
-    elif args.kind == "lm":
-        from vlm.train.lm import train_lm
-
-        metrics = train_lm(args.recipe, args.out, resume=args.resume)
-    elif args.kind == "llava":
-        from vlm.train.llava import train_llava
-
-        metrics = train_llava(args.recipe, args.out, stage=args.stage, resume=args.resume, init=args.init)
-    else:
-        from vlm.train.flamingo import train_flamingo
-
-        metrics = train_flamingo(args.recipe, args.out, resume=args.resume, init=args.init)
+    metrics = train_pipeline(args.kind, args.recipe, args.out, resume=args.resume, phase=args.phase)
     if distributed.is_main():
         print(json.dumps({"out": args.out, "validation": metrics}))
 
@@ -361,13 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("kind", choices=["clip", "lm", "llava", "flamingo"], help="which model to train")
     train.add_argument("--recipe", required=True, help="recipe name (vlm/recipes/) or JSON file")
     train.add_argument("--out", required=True, help="run directory; becomes the model directory")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    train.add_argument("--stage", default="all", choices=["all", "1", "2"], help="llava: which stage (1 -> OUT/stage1)")
     train.add_argument(
-        "--init",
-        default=None,
-        help="continue this model (shipped name or directory); llava: stage 2 only (default OUT/stage1)",
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT: skip finished phases, resume the interrupted one",
     )
+    train.add_argument("--phase", default=None, metavar="NAME", help="run only this phase of the recipe's pipeline")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model; the last line printed is JSON")

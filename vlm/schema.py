@@ -3,7 +3,8 @@
 Every config.json a model directory holds and every recipe carries `"schema_version"`.
 Version 1 is the layout written before the field existed (files without it); version 2
 adds the field and nothing else, so both load the same way. A newer or unknown version
-is refused in one line, never guessed at.
+is refused in one line, never guessed at. Recipes number their own layouts on top of
+this (version 3: pipelines of phases; vlm/train/recipes.py).
 
     config = from_dict(LlavaConfig, json.loads(text), "runs/llava/config.json")
 """
@@ -21,7 +22,7 @@ T = TypeVar("T")
 
 
 def schema_field():
-    """The `schema_version` field of a saved config or recipe: written, never set by hand."""
+    """The `schema_version` field of a saved config: written, never set by hand."""
     return dataclasses.field(default=SCHEMA_VERSION, init=False)
 
 

@@ -2,6 +2,8 @@
 
     vlmstack train clip --recipe clip-easyvqa --out runs/clip
 
+(Recipes are pipelines of phases, run by vlm/train/pipeline.py; `train_clip` is one phase.)
+
 Identical captions in a batch are one text with several positive images (vlm/losses.py),
 never negatives of each other; under torchrun the batch is gathered from all ranks. The run directory ends up a loadable model directory.
 """
@@ -11,6 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -21,10 +24,8 @@ from vlm.data.image_text import CollateImageText, ImageTextDataset
 from vlm.data.sources import caption_records
 from vlm.errors import VlmError
 from vlm.eval.clip import evaluate_clip
-from vlm.schema import schema_field
 from vlm.train import distributed
 from vlm.train.objectives import ContrastiveLoss
-from vlm.train.recipes import load_recipe
 from vlm.train.splits import split_by_image
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
 
@@ -41,7 +42,7 @@ class ClipRecipe:
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None = no augmentation
     train: TrainConfig = field(default_factory=TrainConfig)
-    schema_version: int = schema_field()
+    model_fields: ClassVar = frozenset({"arch", "init"})  # build the model: set once per pipeline
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -50,13 +51,13 @@ class ClipRecipe:
             raise VlmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
-    """Train per the recipe into `out`; returns the final validation metrics."""
-    recipe, recipe_json = load_recipe(ClipRecipe, recipe_spec, "clip")
+def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+    """Train one phase into `out`, from the model in `start` (the previous phase's) or else
+    `recipe.init` or else new weights; returns the final validation metrics."""
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
-    if recipe.init:
-        clip = load_clip(recipe.init)
+    if start or recipe.init:
+        clip = load_clip(str(start or recipe.init))
     else:
         clip = build_clip(recipe.arch)
         if recipe.loss == "siglip":  # SigLIP's initialisation: t = 10, b = -10
@@ -97,7 +98,6 @@ def train_clip(recipe_spec: str, out: str | Path, *, resume: bool = False) -> di
         train_seconds=trainer.train_seconds,
         validation=metrics,
         kind="clip",
-        recipe=recipe_json,
         resolved_recipe=asdict(recipe),
         wall_seconds_this_run=round(time.time() - started, 1),
         skipped_images=trainer.skipped,

@@ -1,7 +1,10 @@
-"""Recipe: train a Flamingo-style model.
+"""Recipe: train a Flamingo-style model, as phases of a pipeline (vlm/train/recipes.py,
+run by vlm/train/pipeline.py).
 
     vlmstack train flamingo --recipe flamingo-easyvqa --out runs/flamingo
-    vlmstack train flamingo --recipe R --out runs/more --init flamingo-easyvqa  # continue a model
+
+The first phase builds a new model (or starts from `init`); every later one continues the
+phase before it, with its own data and training settings.
 
 The vision tower and the language model stay frozen; the Perceiver Resampler, the gated
 cross-attention blocks and the embeddings of the new tokens (<image>, <|endofchunk|>)
@@ -12,6 +15,7 @@ sequences and two-image comparisons (built-in easy-VQA), or a LLaVA JSON file.
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -26,8 +30,6 @@ from vlm.data.sources import builtin_split, conversation_records
 from vlm.errors import VlmError
 from vlm.flamingo import FlamingoArchitecture, FlamingoModel, build_flamingo
 from vlm.lm import load_lm
-from vlm.schema import schema_field
-from vlm.train.recipes import load_recipe
 from vlm.train.splits import held_out
 from vlm.train.trainer import TrainConfig
 from vlm.train.vlm_stage import train_stage
@@ -40,8 +42,9 @@ log = logging.getLogger(__name__)
 class FlamingoRecipe:
     vision: str = "clip-easyvqa"  # any CLIP load_clip accepts, with a ViT image tower
     vision_layer: int = -2  # transformer block whose patch tokens feed the resampler
-    lm: str = "lm-easyvqa"  # any causal LM load_lm accepts (frozen)
+    lm: str = "lm-easyvqa"  # any causal LM load_lm accepts (frozen), or "phase:NAME" (an lm_recipe phase's)
     model: FlamingoArchitecture = field(default_factory=FlamingoArchitecture)  # resampler, cross-attention, max_length
+    init: str | None = None  # the first phase continues this Flamingo model (shipped name or directory)
     data: str = "easyvqa:train"  # built-in split or LLaVA JSON file
     mix: EasyVqaMix = field(
         default_factory=lambda: EasyVqaMix(fewshot_sequences=8000, pair_questions=8000)
@@ -49,7 +52,7 @@ class FlamingoRecipe:
     val_fraction: float = 0.02  # images held out for validation
     augment: AugmentConfig | None = None  # training-image augmentation (vlm/data/augment.py); None = none
     train: TrainConfig = field(default_factory=TrainConfig)
-    schema_version: int = schema_field()
+    model_fields: ClassVar = frozenset({"vision", "vision_layer", "lm", "model", "init"})  # set once per pipeline
 
 
 def freeze_for_flamingo(model: FlamingoModel) -> None:
@@ -77,18 +80,17 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
     return records
 
 
-def train_flamingo(recipe_spec: str, out: str | Path, *, resume: bool = False, init: str | None = None) -> dict:
-    """Train a new model, or with `init` (shipped name or model directory) continue one:
-    then the recipe's data and training settings apply and its architecture fields do not."""
-    recipe, recipe_json = load_recipe(FlamingoRecipe, recipe_spec, "flamingo")
+def train_flamingo(recipe: FlamingoRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+    """Train one phase into `out`, from the model in `start` (the previous phase's) or else
+    `recipe.init` or else a new model; returns the validation metrics."""
     torch.manual_seed(recipe.train.seed)
-    model = _init_model(init) if init else _new_model(recipe)
+    model = _load(str(start or recipe.init)) if start or recipe.init else _new_model(recipe)
     freeze_for_flamingo(model)
     records = training_records(recipe)
     # A sequence is validation if any of its images is held out; training never sees them.
     val = [r for r in records if any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
-    card = {"kind": "flamingo", "recipe": recipe_json, "resolved_recipe": asdict(recipe)}
+    card = {"kind": "flamingo", "resolved_recipe": asdict(recipe)}
     augment = Augment(recipe.augment) if recipe.augment else None
     return train_stage(
         model,
@@ -113,8 +115,8 @@ def _new_model(recipe: FlamingoRecipe) -> FlamingoModel:
     )
 
 
-def _init_model(init: str) -> FlamingoModel:
-    directory = hub.resolve_dir(init)
+def _load(source: str) -> FlamingoModel:
+    directory = hub.resolve_dir(source)
     if directory is None or hub.model_kind(directory) != "flamingo":
-        raise VlmError(f"--init {init!r} is not a shipped Flamingo model or a Flamingo model directory")
+        raise VlmError(f"{source!r} is not a shipped Flamingo model or a Flamingo model directory")
     return FlamingoModel.load(directory)

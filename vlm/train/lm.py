@@ -2,6 +2,8 @@
 
     vlmstack train lm --recipe lm-easyvqa --out runs/lm
 
+(Recipes are pipelines of phases, run by vlm/train/pipeline.py; `train_lm` is one phase.)
+
 Builds the tiny Llama-style default (and trains its BPE tokenizer on the corpus), or
 continues training any Hugging Face LM (`init`). The run directory ends up a Hugging Face
 model directory (save_pretrained), loadable by `load_lm` and AutoModelForCausalLM.
@@ -11,6 +13,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -23,10 +26,8 @@ from vlm.data.sequences import CollateSequences, TokenDataset
 from vlm.data.sources import builtin_split
 from vlm.errors import VlmError
 from vlm.lm import IMAGE_TOKEN, TinyLmConfig, build_tiny_lm, load_lm, train_tokenizer
-from vlm.schema import schema_field
 from vlm.train import distributed
 from vlm.train.objectives import LanguageModelLoss
-from vlm.train.recipes import load_recipe
 from vlm.train.trainer import TrainConfig, Trainer, param_groups
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class LmRecipe:
     max_length: int = 256  # tokens per training sequence; longer documents are cut
     val_fraction: float = 0.02  # documents held out for the validation loss
     train: TrainConfig = field(default_factory=TrainConfig)
-    schema_version: int = schema_field()
+    model_fields: ClassVar = frozenset({"init", "model"})  # build the model: set once per pipeline
 
 
 def corpus(spec: str, mix: EasyVqaMix | None = None) -> list[list[tuple[str, str]] | str]:
@@ -86,13 +87,14 @@ def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int
     return ids, list(ids)  # plain language modelling: every token is a target
 
 
-def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict:
-    recipe, recipe_json = load_recipe(LmRecipe, recipe_spec, "lm")
+def train_lm(recipe: LmRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+    """Train one phase into `out`, from the model in `start` (the previous phase's) or else
+    `recipe.init` or else a new tiny LM; returns the validation metrics."""
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
     documents = corpus(recipe.data, recipe.mix)
-    if recipe.init:
-        model, tokenizer = load_lm(recipe.init)
+    if start or recipe.init:
+        model, tokenizer = load_lm(str(start or recipe.init))
     else:
         tokenizer = train_tokenizer((_render(d) for d in documents), recipe.model.vocab_size)
         model = build_tiny_lm(recipe.model, tokenizer)
@@ -142,7 +144,6 @@ def train_lm(recipe_spec: str, out: str | Path, *, resume: bool = False) -> dict
         train_seconds=trainer.train_seconds,
         validation=metrics,
         kind="lm",
-        recipe=recipe_json,
         resolved_recipe=asdict(recipe),
     )
     return metrics

@@ -48,6 +48,11 @@ class TrainConfig:
     log_every: int = 10  # steps averaged into one metrics.csv row
     workers: int = 1  # DataLoader worker processes
     group_by_length: bool = False  # batch sequences of similar length together (less padding)
+    max_steps: int | None = None  # stop after this many steps (None: every epoch); for trial runs and tests
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or null for every epoch), got {self.max_steps}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -140,6 +145,8 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise VlmError(f"{len(dataset)} training examples is fewer than one batch of {config.batch_size}")
         self.total_steps = self.batches_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
         self.train_log = CsvLog(self.run_dir / "metrics.csv")
         self.eval_log = CsvLog(self.run_dir / "eval.csv")
         self.step, self.train_seconds, self.skipped = 0, 0.0, 0
@@ -170,11 +177,14 @@ class Trainer:
             )
             losses, started = [], time.perf_counter()
             for batch in loader:
+                if self.step == self.total_steps:
+                    break
                 losses.append(self._train_step(batch))
                 self.step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch, refresh=False)
-                at_epoch_end = self.step % self.batches_per_epoch == 0
+                # A run cut short by max_steps ends as an epoch does: logged, evaluated, saved.
+                at_epoch_end = self.step % self.batches_per_epoch == 0 or self.step == self.total_steps
                 if len(losses) == config.log_every or at_epoch_end:
                     self.train_seconds += time.perf_counter() - started
                     started = time.perf_counter()
