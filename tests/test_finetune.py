@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import draw_shape, logged_losses, one_error_line, open_gates, prompt_sensitive, vlm_batch
 from vlm import hub
-from vlm.adapters import ADAPTER_FILE, lora_layers, merge_adapter, set_adapter_enabled
+from vlm.adapters import ADAPTER_FILE, TOKEN_ROWS, adapter_layers, merge_adapter, set_adapter_enabled
 from vlm.errors import VlmError
 from vlm.finetune import FinetuneOptions, default_train_config, finetune
 from vlm.load import load_vlm
@@ -73,8 +73,49 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(llava_base, sty
     merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     merged = load_vlm(str(tmp_path / "merged"))
 
-    assert hub.model_kind(tmp_path / "merged") == "llava" and not lora_layers(merged)
+    assert hub.model_kind(tmp_path / "merged") == "llava" and not adapter_layers(merged)
     batch = vlm_batch(merged, TURNS, [draw_shape("blue", "rectangle")])
+    torch.testing.assert_close(scores(merged, batch), scores(adapted, batch), atol=1e-4, rtol=1e-4)
+
+
+def answer_token_ids(model, captions: list[str]) -> list[int]:
+    ids = {model.tokenizer.eos_token_id}
+    for caption in captions:
+        ids.update(model.tokenizer(f" {caption}", add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
+def untied(model):
+    """`model` with its LM's output head a copy of the input embeddings, no longer tied."""
+    model.lm.config.tie_word_embeddings = False
+    model.config.lm["tie_word_embeddings"] = False  # what save() writes
+    model.lm.lm_head.weight = torch.nn.Parameter(model.lm.lm_head.weight.detach().clone())
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_answers_token_rows_are_trained_saved_alone_and_merged(tiny_llava, styled_captions, tmp_path, tied):
+    base = prompt_sensitive(tiny_llava if tied else untied(tiny_llava))
+    base.save(tmp_path / "base")
+    finetune(str(tmp_path / "base"), str(styled_captions), tmp_path / "adapter", options=quick(rank=2))
+
+    captions = [json.loads(line)["caption"] for line in styled_captions.read_text().splitlines()]
+    tokens = answer_token_ids(base, captions)
+    settings = json.loads((tmp_path / "adapter" / hub.CONFIG_FILE).read_text())["settings"]
+    assert settings["tokens"] == tokens
+    rows, _ = hub.read_weights(tmp_path / "adapter" / ADAPTER_FILE)
+    row_shapes = [tuple(t.shape) for name, t in rows.items() if TOKEN_ROWS in name]
+    assert row_shapes == [(len(tokens), base.lm.config.hidden_size)] * (1 if tied else 2)
+
+    adapted = load_vlm(str(tmp_path / "adapter"))
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    merged = load_vlm(str(tmp_path / "merged"))
+    others = [i for i in range(base.lm.config.vocab_size) if i not in tokens]
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        before, after = getattr(base.lm, get)().weight, getattr(merged.lm, get)().weight
+        assert torch.equal(after[others], before[others]) and not torch.equal(after[tokens], before[tokens])
+    assert (merged.lm.lm_head.weight is merged.lm.get_input_embeddings().weight) == tied
+    batch = vlm_batch(merged, TURNS, [draw_shape("red", "circle")])
     torch.testing.assert_close(scores(merged, batch), scores(adapted, batch), atol=1e-4, rtol=1e-4)
 
 

@@ -8,10 +8,16 @@ from the model they adapt.
     model = load_adapted("my-adapter")            # base + adapter; refused if the base changed
     merge_lora(model).save("my-model")            # LoRA folded into the weights: a standalone model
 
+Besides LoRA, an adapter can retrain the embedding rows of a few tokens (peft's trainable
+tokens; the output head's rows with them, tied or not). LoRA only changes the hidden states:
+a token whose rows the base never trained, because its text never used it, stays out of
+reach however the hidden states move (docs/experiments/2026-12-02-lora-caption-style.md).
+
 An adapter directory holds config.json ({"kind": "adapter"}: the base as named when
 fine-tuning, a fingerprint of the base's weights files, the LoRA settings, the modules
-trained fully), adapter.safetensors (the LoRA matrices and those modules, float32) and
-model_card.json. `load_vlm` takes an adapter directory like a model directory.
+trained fully), adapter.safetensors (the LoRA matrices, the retrained token rows and those
+modules, float32) and model_card.json. `load_vlm` takes an adapter directory like a model
+directory.
 """
 
 import hashlib
@@ -21,7 +27,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,6 +41,7 @@ from vlm.schema import from_dict, schema_field
 log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 XATTN_MODULES = r".*\.xattn\..*"  # Flamingo's cross-attention blocks sit inside the LM but are not the LM
+TOKEN_ROWS = "trainable_tokens_delta"  # peft's name for the retrained embedding rows
 
 
 @dataclass
@@ -45,6 +53,7 @@ class AdapterSettings:
     dropout: float = 0.0  # dropout on the LoRA branch's input while training
     targets: list[str] = field(default_factory=list)  # LM Linear module names (or name suffixes) given LoRA
     full: list[str] = field(default_factory=list)  # model submodules trained fully (projector, resampler, ...)
+    tokens: list[int] = field(default_factory=list)  # token ids whose input and output embedding rows are trained
 
 
 @dataclass(kw_only=True)
@@ -58,20 +67,58 @@ class AdapterConfig:
     schema_version: int = schema_field()
 
 
-def default_targets(model: nn.Module) -> list[str]:
+def decoder_linear_names(model: nn.Module) -> list[str]:
     """Names of the LM's Linear layers inside its decoder (attention and MLP), not the
     output head and not Flamingo's cross-attention blocks."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _decoder_linear_paths(model)})
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Names of the Linear layers of the decoder's self-attention (q/k/v/o, MPT's Wqkv and
+    out_proj): LoRA's own choice, about 40% of the parameters that adapting the MLP as well would take.
+
+    Raises:
+        VlmError: no Linear layer sits in a module named like attention (pass targets).
+    """
+    names = sorted(
+        {
+            path.rsplit(".", 1)[-1]
+            for path in _decoder_linear_paths(model)
+            if any("attn" in part or "attention" in part for part in path.split(".")[:-1])
+        }
+    )
+    if not names:
+        raise VlmError(
+            f"no attention layer found in the language model; choose LoRA targets among "
+            f"{', '.join(decoder_linear_names(model))} (--lora-targets)"
+        )
+    return names
+
+
+def _decoder_linear_paths(model: nn.Module) -> list[str]:
     head = model.lm.get_output_embeddings()
-    names = {
-        name.rsplit(".", 1)[-1]
+    return [
+        name
         for name, module in model.lm.named_modules()
         if isinstance(module, nn.Linear) and module is not head and ".xattn." not in f".{name}."
-    }
-    return sorted(names)
+    ]
+
+
+def token_row_layers(lm: nn.Module, tokens: list[int]) -> list[int] | dict[str, list[int]] | None:
+    """peft's trainable_token_indices for `tokens`: the input embedding's rows, which a tied
+    output head shares; an untied head is named too, as its rows are what makes a token said."""
+    if not tokens:
+        return None
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return list(tokens)
+    names = {module: name for name, module in lm.named_modules()}
+    return {names[embedding]: list(tokens), names[head]: list(tokens)}
 
 
 def add_lora(model: nn.Module, settings: AdapterSettings) -> nn.Module:
-    """Inject LoRA layers (B = 0: the model is unchanged) into `model.lm` in place.
+    """Inject LoRA layers (B = 0) and the trainable token rows (copies of the base's rows)
+    into `model.lm` in place: the model is unchanged until trained.
 
     Raises:
         VlmError: no LM Linear layer matches settings.targets.
@@ -82,35 +129,45 @@ def add_lora(model: nn.Module, settings: AdapterSettings) -> nn.Module:
         lora_dropout=settings.dropout,
         target_modules=list(settings.targets),
         exclude_modules=XATTN_MODULES if any(".xattn." in name for name, _ in model.lm.named_modules()) else None,
+        trainable_token_indices=token_row_layers(model.lm, settings.tokens),
     )
     try:
         inject_adapter_in_model(config, model.lm, adapter_name="default")
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise VlmError(
             f"LoRA targets {', '.join(settings.targets)} match no layer of the language model "
-            f"({str(e).splitlines()[0][:160]}); its Linear layers: {', '.join(default_targets(model))}"
+            f"({str(e).splitlines()[0][:160]}); its Linear layers: {', '.join(decoder_linear_names(model))}"
         ) from None
     return model
 
 
-def lora_layers(model: nn.Module) -> list[LoraLayer]:
-    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+def adapter_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """peft's layers in `model`: LoRA-wrapped Linear layers and token-row layers."""
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch the LoRA branches on or off (off: the LM computes exactly as its base)."""
-    for layer in lora_layers(model):
+    """Switch the LoRA branches and retrained token rows on or off (off: the LM computes
+    exactly as its base)."""
+    for layer in adapter_layers(model):
         layer.enable_adapters(enabled)
 
 
+def is_adapter_tensor(name: str, settings: AdapterSettings) -> bool:
+    """Whether a parameter or state-dict entry belongs to the adapter (and is trained)."""
+    return ".lora_" in name or f".{TOKEN_ROWS}." in name or name.startswith(tuple(f"{m}." for m in settings.full))
+
+
 def adapter_state(model: nn.Module, settings: AdapterSettings) -> dict[str, torch.Tensor]:
-    """The tensors an adapter saves: LoRA matrices and the fully trained modules' state."""
-    prefixes = tuple(f"{name}." for name in settings.full)
-    return {
-        name: tensor.detach().float().contiguous()
-        for name, tensor in model.state_dict().items()
-        if ".lora_" in name or name.startswith(prefixes)
-    }
+    """The tensors an adapter saves: LoRA matrices, token rows and the fully trained
+    modules' state; a tensor shared by two modules (a tied head's rows) once, under its
+    first name."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if is_adapter_tensor(name, settings) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            state[name] = tensor.detach().float().contiguous()
+    return state
 
 
 def adapter_parameters(model: nn.Module, settings: AdapterSettings) -> int:
@@ -201,14 +258,19 @@ def load_adapted(
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold each LoRA update into its base weight and put the plain layer back: the model
-    computes as with the adapter on, with no trace of peft left (save() writes a model
-    directory any vlmstack loads)."""
+    """Fold each LoRA update and retrained token row into its base weight and put the plain
+    layer back: the model computes as with the adapter on, with no trace of peft left
+    (save() writes a model directory any vlmstack loads; a tied head stays tied)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
+        if isinstance(module, TrainableTokensWrapper):
+            layer = module.token_adapter
+        elif isinstance(module, BaseTunerLayer) and not name.endswith(".token_adapter"):
+            layer = module
+        else:
+            continue
+        layer.merge(safe_merge=True)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.get_base_layer())
     return model
 
 
