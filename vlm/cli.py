@@ -231,6 +231,7 @@ def _finetune(args) -> None:
         alpha=args.lora_alpha,
         targets=args.lora_targets,
         train_projector=args.train_projector,
+        train_tokens=args.train_tokens,
         quantize_base=args.quantize_base,
         train=train,
     )
@@ -519,7 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lora-rank", type=whole(1, 1024), default=8, help="LoRA rank (default 8)")
     tune.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     tune.add_argument(
-        "--lora-targets", nargs="+", default=None, help="LM Linear layer names (default: all of its decoder's)"
+        "--lora-targets",
+        nargs="+",
+        default=None,
+        help="LM Linear layer names (default: its decoder's self-attention ones, e.g. q_proj k_proj v_proj o_proj)",
+    )
+    tune.add_argument(
+        "--train-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the embedding rows of the tokens the answers use (default on)",
     )
     tune.add_argument(
         "--train-projector",
@@ -529,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--quantize-base", default=None, choices=["int8"], help="hold the frozen LM in int8 (QLoRA-style)"
     )
-    tune.add_argument("--epochs", type=whole(1), default=None, help="passes over the data (default 3)")
+    tune.add_argument("--epochs", type=whole(1), default=None, help="passes over the data (default 2)")
     tune.add_argument("--batch-size", type=whole(1), default=None, help="default 16")
-    tune.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3)")
     tune.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     tune.add_argument(
         "--trust-remote-code", action="store_true", help="allow a base whose LM runs Python code saved with it"
