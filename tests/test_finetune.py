@@ -179,12 +179,10 @@ def test_cli_finetune_eval_and_merge_and_a_wrong_base_in_one_line(llava_base, st
 
     adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
     args = ["--data", str(styled_captions), "--out", adapter, "--lora-rank", "2", "--epochs", "1", "--batch-size", "8"]
-    assert main(["finetune", llava_base, *args, "--lora-targets", "q_proj", "v_proj"]) == 0
+    assert main(["finetune", llava_base, *args, "--lora-targets", "q_proj", "v_proj", "--no-train-tokens"]) == 0
     assert "adapter for" in capsys.readouterr().out
-    assert json.loads((tmp_path / "adapter" / hub.CONFIG_FILE).read_text())["settings"]["targets"] == [
-        "q_proj",
-        "v_proj",
-    ]
+    settings = json.loads((tmp_path / "adapter" / hub.CONFIG_FILE).read_text())["settings"]
+    assert settings["targets"] == ["q_proj", "v_proj"] and settings["tokens"] == []
 
     vqa = tmp_path / "vqa.jsonl"
     vqa.write_text(
