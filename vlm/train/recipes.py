@@ -145,7 +145,7 @@ def upgrade(data: Any, kind: str, where: str) -> dict:
     if version == 1:
         data = upgrade_v1(recipe_class(kind), data)
     if version < 3:
-        data = _upgrade_v2(data, kind)
+        data = _upgrade_v2(data, kind, where)
     return data
 
 
@@ -174,7 +174,7 @@ def _nest(data: dict, keys: set[str], under: str, *, into_stages: bool) -> dict:
     return {**rest, under: {**rest.get(under, {}), **moved}} if moved else rest
 
 
-def _upgrade_v2(data: dict, kind: str) -> dict:
+def _upgrade_v2(data: dict, kind: str, where: str) -> dict:
     """Version 2 (one run, or LLaVA's two stages) as version 3's phases."""
     shared = {k: v for k, v in data.items() if k not in ("schema_version", "stage1", "stage2")}
     if kind != "llava":
@@ -184,7 +184,7 @@ def _upgrade_v2(data: dict, kind: str) -> dict:
     for stage in (1, 2):
         own = data.get(f"stage{stage}", {})
         if not isinstance(own, dict):
-            raise VlmError(f"stage{stage}: expected a JSON object, got {type(own).__name__}")
+            raise VlmError(f"{where} [stage{stage}]: expected a JSON object, got {type(own).__name__}")
         full = {key: defaults[key] for key in ("data", "mix", "train")}
         phases.append({"name": f"stage{stage}", "stage": stage, **deep_merge(full, own)})
     return {**shared, "schema_version": 3, "phases": phases}
