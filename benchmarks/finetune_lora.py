@@ -1,9 +1,10 @@
 """LoRA benchmark: teach llava-easyvqa a new caption style on 1,000 training images.
 
-    .venv/bin/python -m benchmarks.finetune_lora [--images 1000] [--rank 8]
+    .venv/bin/python -m benchmarks.finetune_lora [--images 1000] [--rank 8] [--no-train-tokens]
 
 Writes captions "shape: circle; colour: red" for 1,000 easyvqa:train images (a fixed
-sample), runs `vlmstack finetune`'s code path (vlm.finetune.finetune) on them, then
+sample), runs `vlmstack finetune`'s code path (vlm.finetune.finetune, its default recipe
+unless a flag says otherwise) on them, then
 captions all 1,000 easyvqa:test images with the adapter (prompt 'Describe the image.',
 the default of `vlmstack caption`). A caption counts when it is exactly in the new style
 and names the image's shape and colour. Also: the adapter's share of the parameters, the
@@ -17,13 +18,14 @@ import json
 import os
 import random
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import timed, write_report
-from vlm.adapters import set_adapter_enabled
+from vlm.adapters import read_adapter_config, set_adapter_enabled
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.finetune import FinetuneOptions, finetune
@@ -36,6 +38,10 @@ def styled(shape: str, color: str) -> str:
     return f"shape: {shape}; colour: {color}"
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def answers(model, images: list[str], questions: list[str], batch: int = 16) -> list[str]:
     out = []
     for start in range(0, len(images), batch):
@@ -46,7 +52,11 @@ def answers(model, images: list[str], questions: list[str], batch: int = 16) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="training images given the new style")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: vlmstack finetune's)")
+    parser.add_argument("--targets", nargs="+", default=None, help="LoRA targets (default: vlmstack finetune's)")
+    parser.add_argument(
+        "--train-tokens", action=argparse.BooleanOptionalAction, default=True, help="train the answers' token rows"
+    )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vlmstack finetune's)")
     parser.add_argument("--epochs", type=int, default=None, help="default: vlmstack finetune's")
     parser.add_argument("--check", type=int, default=300, help="test questions + captions for the adapter-off check")
@@ -54,17 +64,20 @@ def main() -> None:
     torch.set_num_threads(2)
     train = random.Random(0).sample(list(easyvqa.images("train")), args.images)
     test = list(easyvqa.images("test"))
-    load_before = os.getloadavg()
+    load_before, uptime_before = os.getloadavg(), uptime()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "styled.jsonl"
         data.write_text(
             "".join(json.dumps({"image": im.path, "caption": styled(im.shape, im.color)}) + "\n" for im in train)
         )
-        options = FinetuneOptions(rank=args.rank)
+        options = FinetuneOptions(targets=args.targets, train_tokens=args.train_tokens)
+        options.rank = args.rank or options.rank
         options.train.lr = args.lr or options.train.lr
         options.train.epochs = args.epochs or options.train.epochs
         card, seconds = timed(finetune, "llava-easyvqa", str(data), Path(tmp) / "adapter", options=options)
+        settings = read_adapter_config(Path(tmp) / "adapter").settings
         adapted = load_vlm(str(Path(tmp) / "adapter"))
+        trained_tokens = adapted.tokenizer.convert_ids_to_tokens(settings.tokens)
         captions, caption_seconds = timed(
             answers, adapted, [im.path for im in test], [DEFAULT_CAPTION_PROMPT] * len(test)
         )
@@ -93,7 +106,11 @@ def main() -> None:
     n = len(test)
     results = {
         "train_images": args.images,
-        "rank": args.rank,
+        "rank": settings.rank,
+        "targets": settings.targets,
+        "trained_token_rows": trained_tokens,
+        "epochs": options.train.epochs,
+        "lr": options.train.lr,
         "test_captions": n,
         "in_style": in_style,
         "in_style_and_right": right,
@@ -110,14 +127,21 @@ def main() -> None:
         "validation": card["validation"],
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "uptime_before": uptime_before,
+        "uptime_after": uptime(),
         "examples": captions[:3],
         "wrong": wrong,
     }
+    rows = ", ".join(f"`{t}`" for t in trained_tokens) or "none"
+    style_pieces = " ".join(f"`{t}`" for t in adapted.tokenizer.tokenize(" " + styled("circle", "red")))
     sections = [
-        f"LoRA rank {args.rank} (alpha {2 * args.rank}) on every Linear layer of the LM's decoder, projector frozen; "
-        f"{args.images} easyvqa:train images captioned `{styled('circle', 'red')}`; {options.train.epochs} epochs, "
-        f"batch 16, lr {options.train.lr:g}, bf16 autocast where native. Test: all 1,000 easyvqa:test images, prompt "
-        f"'{DEFAULT_CAPTION_PROMPT}'. Load average (1/5/15 min) before: {load_before}, after: {results['load_average_after']}.",
+        f"LoRA rank {settings.rank} (alpha {settings.alpha:g}) on the LM's {', '.join(settings.targets)}, projector "
+        f"frozen; embedding rows trained for the {len(trained_tokens)} tokens the answers use ({rows}); "
+        f"{args.images} easyvqa:train images captioned `{styled('circle', 'red')}` (tokenised {style_pieces}); "
+        f"{options.train.epochs} epochs, batch {options.train.batch_size}, lr {options.train.lr:g}, bf16 autocast "
+        f"where native. Test: all 1,000 easyvqa:test images, prompt '{DEFAULT_CAPTION_PROMPT}'.",
+        "",
+        f"Machine load, `uptime` at the start: `{uptime_before}`; at the end: `{results['uptime_after']}`.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
