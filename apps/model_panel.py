@@ -28,10 +28,12 @@ def _read(directory: Path | None, name: str) -> dict:
 
 
 def _data_sources(recipe) -> list[str]:
-    """Every `data` value in a (nested) recipe."""
+    """Every `data` value in a (nested) recipe, its pipeline's phases included."""
     if isinstance(recipe, dict):
         found = [recipe["data"]] if isinstance(recipe.get("data"), str) else []
         return found + [s for v in recipe.values() for s in _data_sources(v)]
+    if isinstance(recipe, list):
+        return [s for v in recipe for s in _data_sources(v)]
     return []
 
 

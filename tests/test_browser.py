@@ -4,6 +4,7 @@ follows and that once failed: chat after an error, Stop, the examples, the searc
 scroll, the caption download."""
 
 import csv
+import json
 import os
 import threading
 import time
@@ -221,6 +222,19 @@ def test_the_model_panel_reads_the_card():
     card = json.loads((WEIGHTS_DIR / "llava-easyvqa" / "model_card.json").read_text())
     assert facts.image_only and facts.image_size == 64
     assert f"{card['test_metrics']['accuracy']:.1%}" in facts.markdown()
+
+
+def test_a_pipeline_whose_phases_name_the_data_is_read_as_trained_on_it(tmp_path):
+    from apps.model_panel import ModelFacts
+
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "llava"}))
+    recipe = {"phases": [{"name": "a", "data": "easyvqa:train"}, {"name": "b", "data": "my-captions.jsonl"}]}
+    (tmp_path / "model_card.json").write_text(json.dumps({"kind": "llava", "recipe": recipe}))
+    facts = ModelFacts("mine", str(tmp_path))
+    assert facts.sources == ["easyvqa:train", "my-captions.jsonl"] and not facts.image_only
+    recipe["phases"].pop()
+    (tmp_path / "model_card.json").write_text(json.dumps({"kind": "llava", "recipe": recipe}))
+    assert ModelFacts("mine", str(tmp_path)).image_only
 
 
 def test_words_an_easyvqa_model_never_saw_are_named():
