@@ -2,7 +2,9 @@
 shipped one resolves and runs a step per phase; phases inherit settings and continue the
 model before them; runs resume per phase; bad recipes and changed ones are refused."""
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from vlm.errors import VlmError
 from vlm.train import trainer as trainer_module
 from vlm.train.pipeline import train_pipeline
 from vlm.train.recipes import load_pipeline, recipe_names
+from vlm.train.trainer import TrainConfig, Trainer
 
 # A trial run: one step of 4 examples per phase, few of Flamingo's generated sequences.
 TRIAL = {"train": {"max_steps": 1, "batch_size": 4, "workers": 0}, "mix": {"fewshot_sequences": 4, "pair_questions": 4}}
@@ -144,6 +147,38 @@ def test_a_run_is_not_restarted_over_without_resume(tmp_path, shapes_dataset):
     train_pipeline("clip", recipe, tmp_path / "run")
     with pytest.raises(VlmError, match="already holds a run; pass --resume"):
         train_pipeline("clip", recipe, tmp_path / "run")
+
+
+class _SquaredOutput(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(batch["x"]).pow(2).mean()
+
+
+def _logged_run(run_dir: Path, max_steps: int | None) -> list[dict]:
+    """metrics.csv of a 16-step run of a 1x1 linear model (warmup 2), without its times."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    config = TrainConfig(epochs=2, batch_size=2, warmup_steps=2, workers=0, log_every=1, max_steps=max_steps)
+    Trainer(
+        model=model,
+        groups=[{"params": list(model.parameters())}],
+        config=config,
+        run_dir=run_dir,
+        dataset=[float(i) for i in range(16)],
+        collate=lambda xs: {"x": torch.tensor(xs)[:, None], "skipped": [], "size": len(xs)},
+        objective=_SquaredOutput(model),
+    ).fit()
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_max_steps_stops_early_on_the_full_runs_learning_rate_schedule(tmp_path):
+    full, trial = _logged_run(tmp_path / "full", None), _logged_run(tmp_path / "trial", 5)
+    assert len(full) == 16 and trial == full[:5]  # lr and loss of the first 5 steps alike
 
 
 @pytest.mark.parametrize(

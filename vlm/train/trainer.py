@@ -48,7 +48,9 @@ class TrainConfig:
     log_every: int = 10  # steps averaged into one metrics.csv row
     workers: int = 1  # DataLoader worker processes
     group_by_length: bool = False  # batch sequences of similar length together (less padding)
-    max_steps: int | None = None  # stop after this many steps (None: every epoch); for trial runs and tests
+    # Stop after this many steps (None: every epoch), on the full run's learning-rate
+    # schedule: a trial run (or a test) is the first max_steps steps of the full run.
+    max_steps: int | None = None
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps < 1:
@@ -144,9 +146,8 @@ class Trainer:
         self.batches_per_epoch = len(dataset) // config.batch_size
         if self.batches_per_epoch == 0:
             raise VlmError(f"{len(dataset)} training examples is fewer than one batch of {config.batch_size}")
-        self.total_steps = self.batches_per_epoch * config.epochs
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        self.schedule_steps = self.batches_per_epoch * config.epochs  # warmup and cosine span these
+        self.total_steps = min(self.schedule_steps, config.max_steps or self.schedule_steps)  # where training stops
         self.train_log = CsvLog(self.run_dir / "metrics.csv")
         self.eval_log = CsvLog(self.run_dir / "eval.csv")
         self.step, self.train_seconds, self.skipped = 0, 0.0, 0
@@ -206,7 +207,7 @@ class Trainer:
         for reason in batch["skipped"]:
             log.warning("skipped %s", reason)
         self.skipped += round(distributed.average(len(batch["skipped"])) * self.world)
-        factor = lr_factor(self.step, self.total_steps, self.config.warmup_steps, self.config.min_lr_ratio)
+        factor = lr_factor(self.step, self.schedule_steps, self.config.warmup_steps, self.config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * factor
         if batch["size"] == 0:  # every example of this batch was unreadable
