@@ -209,6 +209,10 @@ def test_a_bad_phase_is_refused_naming_it(phase, message, tmp_path, capsys):
     [
         ({"lm": "phase:nope"}, "'phase:nope' names no lm_recipe phase before the first llava phase"),
         ({"lm": "lm-easyvqa"}, "phase 'lm' trains an LM no phase uses"),
+        (
+            {"init": "llava-easyvqa"},
+            "\"init\": 'llava-easyvqa' continues a model that has its LM, so \"lm\": 'phase:lm'",
+        ),
         ({"phases": []}, '"phases" must be a non-empty list'),
     ],
 )
@@ -222,3 +226,25 @@ def open_shipped(name: str) -> str:
     from vlm.train.recipes import RECIPES_DIR
 
     return (RECIPES_DIR / f"{name}.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ({"train": {"epochs": 99}}, r"unknown keys \['train'\]; a version 2 LLaVA recipe has only"),
+        ({"data": "x.json"}, r"unknown keys \['data'\]"),
+        ({"phases": []}, r"unknown keys \['phases'\]"),
+        ({"stage2": {"val_fraction": 0.5}}, r"\[stage2\]: unknown keys \['val_fraction'\]; a version 2 LLaVA stage"),
+        ({"stage1": {"stage": 2}}, r"\[stage1\]: unknown keys \['stage'\]"),
+    ],
+)
+def test_a_version_2_llava_recipe_refuses_keys_it_did_not_have(recipe, message, tmp_path):
+    path = write_json(tmp_path / "v2.json", {"schema_version": 2, "stage1": {}, "stage2": {}, **recipe})
+    with pytest.raises(VlmError, match=message):
+        load_pipeline(path, "llava")
+
+
+def test_a_version_2_recipe_of_one_run_refuses_phases(tmp_path):
+    path = write_json(tmp_path / "v2.json", {"schema_version": 2, "phases": [{"name": "clip"}]})
+    with pytest.raises(VlmError, match='"phases" needs "schema_version": 3'):
+        load_pipeline(path, "clip")

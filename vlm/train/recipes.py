@@ -38,7 +38,7 @@ import importlib
 import json
 import re
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ VLM_KINDS = ("llava", "flamingo")  # kinds whose pipelines may train their LM in
 PHASE_REFERENCE = "phase:"  # "lm": "phase:NAME" is the LM phase NAME trained
 PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a directory name: OUT/phases/NAME
 MIX_KEYS = {f.name for f in dataclasses.fields(EasyVqaMix)}
+# What a version 2 LLaVA recipe had (its LlavaRecipe and StageRecipe): other keys are refused.
+V2_LLAVA_KEYS = frozenset(
+    {"schema_version", "vision", "vision_layer", "lm", "model", "val_fraction", "stage1", "stage2"}
+)
+V2_STAGE_KEYS = frozenset({"data", "mix", "train"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Pipeline:
     source: str  # the recipe name or file it was read from
     recipe_json: dict  # as written
     phases: tuple[Phase, ...]
+    overrides: dict = field(default_factory=dict)  # merged into every phase (load_pipeline's)
 
     def resolved(self) -> dict:
         """Every phase's settings in full: what a run records and its resume compares."""
@@ -87,6 +93,10 @@ class Pipeline:
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+    def lm_recipes(self) -> dict:
+        """The LM recipes of its lm_recipe phases as written, by the name the recipe uses."""
+        return {p.lm_recipe: p.recipe_json for p in self.phases if p.lm_recipe}
 
     def phase(self, name: str) -> Phase:
         for phase in self.phases:
@@ -129,8 +139,26 @@ def load_pipeline(spec: str, kind: str, *, overrides: dict | None = None) -> Pip
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise VlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    where = str(path)
-    return _resolve(upgrade(data, kind, where), data, kind, spec, where, overrides or {})
+    return build_pipeline(data, kind, source=spec, where=str(path), overrides=overrides)
+
+
+def build_pipeline(
+    data: Any, kind: str, *, source: str, where: str, overrides: dict | None = None, lm_recipes: dict | None = None
+) -> Pipeline:
+    """The pipeline of a recipe as written (a parsed JSON document), every phase resolved.
+
+    Args:
+        source: the recipe's name or file, as the pipeline reports it.
+        where: what error messages name (a file).
+        overrides: as load_pipeline's.
+        lm_recipes: the LM recipes of lm_recipe phases as written, by name, read instead of
+            their files (a run's record: the recipe it began with, resolved again today).
+
+    Raises:
+        VlmError: as load_pipeline.
+    """
+    overrides, lm_recipes = overrides or {}, lm_recipes or {}
+    return _resolve(upgrade(data, kind, where), data, kind, source, where, overrides, lm_recipes)
 
 
 def upgrade(data: Any, kind: str, where: str) -> dict:
@@ -175,19 +203,31 @@ def _nest(data: dict, keys: set[str], under: str, *, into_stages: bool) -> dict:
 
 
 def _upgrade_v2(data: dict, kind: str, where: str) -> dict:
-    """Version 2 (one run, or LLaVA's two stages) as version 3's phases."""
-    shared = {k: v for k, v in data.items() if k not in ("schema_version", "stage1", "stage2")}
+    """Version 2 (one run, or LLaVA's two stages) as version 3's phases. Keys version 2 did
+    not have are refused here: version 3's layout would take some ("train", "phases")."""
     if kind != "llava":
+        if "phases" in data:
+            raise VlmError(f'{where}: "phases" needs "schema_version": 3 (this recipe says 2)')
+        shared = {k: v for k, v in data.items() if k != "schema_version"}
         return {**shared, "schema_version": 3, "phases": [{"name": kind}]}
+    _refuse_unknown(data, V2_LLAVA_KEYS, where, "a version 2 LLaVA recipe")
+    shared = {k: v for k, v in data.items() if k not in ("schema_version", "stage1", "stage2")}
     defaults = asdict(recipe_class("llava")())
     phases = []
     for stage in (1, 2):
         own = data.get(f"stage{stage}", {})
         if not isinstance(own, dict):
             raise VlmError(f"{where} [stage{stage}]: expected a JSON object, got {type(own).__name__}")
-        full = {key: defaults[key] for key in ("data", "mix", "train")}
+        _refuse_unknown(own, V2_STAGE_KEYS, f"{where} [stage{stage}]", "a version 2 LLaVA stage")
+        full = {key: defaults[key] for key in V2_STAGE_KEYS}
         phases.append({"name": f"stage{stage}", "stage": stage, **deep_merge(full, own)})
     return {**shared, "schema_version": 3, "phases": phases}
+
+
+def _refuse_unknown(data: dict, known: frozenset, where: str, what: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise VlmError(f"{where}: unknown keys {unknown}; {what} has only {', '.join(sorted(known))}")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -201,7 +241,9 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _resolve(data: dict, as_written: dict, kind: str, spec: str, where: str, overrides: dict) -> Pipeline:
+def _resolve(
+    data: dict, as_written: dict, kind: str, spec: str, where: str, overrides: dict, lm_recipes: dict
+) -> Pipeline:
     cls = recipe_class(kind)
     raw_phases = data.get("phases")
     if not isinstance(raw_phases, list) or not raw_phases:
@@ -216,7 +258,7 @@ def _resolve(data: dict, as_written: dict, kind: str, spec: str, where: str, ove
         here = f"{where} phase {name!r}"
         changes = {k: v for k, v in raw.items() if k != "name"}
         if "lm_recipe" in changes:
-            phases.append(_lm_phase(name, changes, kind, here, overrides))
+            phases.append(_lm_phase(name, changes, kind, here, overrides, lm_recipes))
             continue
         fixed = sorted(set(changes) & cls.model_fields)
         if fixed:
@@ -225,7 +267,7 @@ def _resolve(data: dict, as_written: dict, kind: str, spec: str, where: str, ove
         recipe = from_dict(cls, deep_merge(settings, _applicable(overrides, cls)), here)
         phases.append(Phase(name=name, kind=kind, recipe=recipe, recipe_json=as_written))
     _check_lm_phases(phases, where)
-    return Pipeline(kind=kind, source=spec, recipe_json=as_written, phases=tuple(phases))
+    return Pipeline(kind=kind, source=spec, recipe_json=as_written, phases=tuple(phases), overrides=overrides)
 
 
 def _phase_name(raw: Any, where: str) -> str:
@@ -244,14 +286,20 @@ def _applicable(overrides: dict, cls: type) -> dict:
     return {k: v for k, v in overrides.items() if k in fields}
 
 
-def _lm_phase(name: str, changes: dict, kind: str, here: str, overrides: dict) -> Phase:
+def _lm_phase(name: str, changes: dict, kind: str, here: str, overrides: dict, lm_recipes: dict) -> Phase:
     if kind not in VLM_KINDS:
         raise VlmError(f"{here}: lm_recipe phases belong in llava and flamingo recipes, not {kind}")
     if set(changes) != {"lm_recipe"}:
         raise VlmError(
             f"{here}: unknown keys {sorted(set(changes) - {'lm_recipe'})}; an lm_recipe phase has only name and lm_recipe"
         )
-    lm = load_pipeline(changes["lm_recipe"], "lm", overrides=overrides)
+    spec = changes["lm_recipe"]
+    if not isinstance(spec, str):
+        raise VlmError(f"{here}: lm_recipe must be an LM recipe's name or file, got {spec!r:.60}")
+    if spec in lm_recipes:
+        lm = build_pipeline(lm_recipes[spec], "lm", source=spec, where=f"{here} lm_recipe", overrides=overrides)
+    else:
+        lm = load_pipeline(spec, "lm", overrides=overrides)
     if len(lm.phases) != 1:
         raise VlmError(f"{here}: lm_recipe {changes['lm_recipe']!r} has {len(lm.phases)} phases; it must have one")
     return Phase(
@@ -260,8 +308,9 @@ def _lm_phase(name: str, changes: dict, kind: str, here: str, overrides: dict) -
 
 
 def _check_lm_phases(phases: list[Phase], where: str) -> None:
-    """Every "phase:NAME" LM is an lm_recipe phase before the VLM phases; every such phase
-    is used; the pipeline trains something of its own kind."""
+    """Every "phase:NAME" LM is an lm_recipe phase before the VLM phases, and the VLM is
+    built, not continued from "init" (which has its LM); every such phase is used; the
+    pipeline trains something of its own kind."""
     vlm = [p for p in phases if p.lm_recipe is None]
     if not vlm:
         raise VlmError(f"{where}: every phase trains an LM; a pipeline needs a phase of its own kind")
@@ -270,6 +319,10 @@ def _check_lm_phases(phases: list[Phase], where: str) -> None:
     if lm is not None and lm.startswith(PHASE_REFERENCE) and lm[len(PHASE_REFERENCE) :] not in lm_phases:
         raise VlmError(
             f'{where}: "lm": {lm!r} names no lm_recipe phase before the first {vlm[0].kind} phase ({vlm[0].name!r})'
+        )
+    if lm is not None and lm.startswith(PHASE_REFERENCE) and vlm[0].recipe.init:
+        raise VlmError(
+            f'{where}: "init": {vlm[0].recipe.init!r} continues a model that has its LM, so "lm": {lm!r} would train for nothing; drop one'
         )
     unused = [p.name for p in phases if p.lm_recipe and lm != PHASE_REFERENCE + p.name]
     if unused:
