@@ -51,9 +51,13 @@ class ClipRecipe:
             raise VlmError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+def train_clip(
+    recipe: ClipRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None, card: dict | None = None
+) -> dict:
     """Train one phase into `out`, from the model in `start` (the previous phase's) or else
-    `recipe.init` or else new weights; returns the final validation metrics."""
+    `recipe.init` or else new weights; returns the final validation metrics.
+    `card` adds fields to the model card (a pipeline's: phase, recipe, commit), written
+    with the rest in one write."""
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
     if start or recipe.init:
@@ -101,5 +105,6 @@ def train_clip(recipe: ClipRecipe, out: str | Path, *, resume: bool = False, sta
         resolved_recipe=asdict(recipe),
         wall_seconds_this_run=round(time.time() - started, 1),
         skipped_images=trainer.skipped,
+        **(card or {}),
     )
     return metrics

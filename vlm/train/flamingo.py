@@ -80,9 +80,18 @@ def training_records(recipe: FlamingoRecipe) -> list[dict]:
     return records
 
 
-def train_flamingo(recipe: FlamingoRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+def train_flamingo(
+    recipe: FlamingoRecipe,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    start: Path | None = None,
+    card: dict | None = None,
+) -> dict:
     """Train one phase into `out`, from the model in `start` (the previous phase's) or else
-    `recipe.init` or else a new model; returns the validation metrics."""
+    `recipe.init` or else a new model; returns the validation metrics.
+    `card` adds fields to the model card (a pipeline's: phase, recipe, commit), written
+    with the rest in one write."""
     torch.manual_seed(recipe.train.seed)
     model = _load(str(start or recipe.init)) if start or recipe.init else _new_model(recipe)
     freeze_for_flamingo(model)
@@ -90,7 +99,7 @@ def train_flamingo(recipe: FlamingoRecipe, out: str | Path, *, resume: bool = Fa
     # A sequence is validation if any of its images is held out; training never sees them.
     val = [r for r in records if any(held_out(p, recipe.val_fraction) for p in record_images(r))]
     train = [r for r in records if not any(held_out(p, recipe.val_fraction) for p in record_images(r))]
-    card = {"kind": "flamingo", "resolved_recipe": asdict(recipe)}
+    card = {"kind": "flamingo", "resolved_recipe": asdict(recipe), **(card or {})}
     augment = Augment(recipe.augment) if recipe.augment else None
     return train_stage(
         model,

@@ -52,9 +52,13 @@ class LlavaRecipe:
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
 
 
-def train_llava(recipe: LlavaRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+def train_llava(
+    recipe: LlavaRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None, card: dict | None = None
+) -> dict:
     """Train one phase into `out`, from the model in `start` (the previous phase's) or else
-    `recipe.init` or else a new model; returns the validation metrics."""
+    `recipe.init` or else a new model; returns the validation metrics.
+    `card` adds fields to the model card (a pipeline's: phase, recipe, commit), written
+    with the rest in one write."""
     if start or recipe.init:
         model = _load(str(start or recipe.init))
     else:
@@ -73,7 +77,7 @@ def train_llava(recipe: LlavaRecipe, out: str | Path, *, resume: bool = False, s
         config=recipe.train,
         run_dir=Path(out),
         resume=resume,
-        card={"kind": "llava", "stage": recipe.stage, "resolved_recipe": asdict(recipe)},
+        card={"kind": "llava", "stage": recipe.stage, "resolved_recipe": asdict(recipe), **(card or {})},
     )
 
 

@@ -87,9 +87,13 @@ def _tokenize(tokenizer, document, max_length: int) -> tuple[list[int], list[int
     return ids, list(ids)  # plain language modelling: every token is a target
 
 
-def train_lm(recipe: LmRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None) -> dict:
+def train_lm(
+    recipe: LmRecipe, out: str | Path, *, resume: bool = False, start: Path | None = None, card: dict | None = None
+) -> dict:
     """Train one phase into `out`, from the model in `start` (the previous phase's) or else
-    `recipe.init` or else a new tiny LM; returns the validation metrics."""
+    `recipe.init` or else a new tiny LM; returns the validation metrics.
+    `card` adds fields to the model card (a pipeline's: phase, recipe, commit), written
+    with the rest in one write."""
     out = Path(out)
     torch.manual_seed(recipe.train.seed)
     documents = corpus(recipe.data, recipe.mix)
@@ -145,5 +149,6 @@ def train_lm(recipe: LmRecipe, out: str | Path, *, resume: bool = False, start: 
         validation=metrics,
         kind="lm",
         resolved_recipe=asdict(recipe),
+        **(card or {}),
     )
     return metrics

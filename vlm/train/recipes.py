@@ -56,8 +56,10 @@ PHASE_REFERENCE = "phase:"  # "lm": "phase:NAME" is the LM phase NAME trained
 PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a directory name: OUT/phases/NAME
 MIX_KEYS = {f.name for f in dataclasses.fields(EasyVqaMix)}
 # What a version 2 LLaVA recipe had (its LlavaRecipe and StageRecipe): other keys are refused.
+# Plus "init", which replaced the --init flag those recipes ran with (other kinds' version 2
+# recipes take it as a field of their recipe class).
 V2_LLAVA_KEYS = frozenset(
-    {"schema_version", "vision", "vision_layer", "lm", "model", "val_fraction", "stage1", "stage2"}
+    {"schema_version", "vision", "vision_layer", "lm", "model", "val_fraction", "stage1", "stage2", "init"}
 )
 V2_STAGE_KEYS = frozenset({"data", "mix", "train"})
 
