@@ -235,6 +235,7 @@ def test_train_resume_on_a_pickled_checkpoint_is_one_line_exit_2(shapes_dataset,
     recipe = write_json(tmp_path / "recipe.json", tiny_clip_recipe(shapes_dataset, epochs=1))
     run = tmp_path / "run"
     write_checkpoint(run, {"step": 1, "note": argparse.Namespace(pickled=True)})  # any class pickles
+    write_json(run / "pipeline.json", {"recipe": json.loads(Path(recipe).read_text())})  # begun by this recipe
     assert main(["train", "clip", "--recipe", recipe, "--out", str(run), "--resume"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "checkpoint.pt: holds pickled objects that weights_only loading refuses" in line
