@@ -10,8 +10,9 @@ from the model they adapt.
 
 Besides LoRA, an adapter can retrain the embedding rows of a few tokens (peft's trainable
 tokens; the output head's rows with them, tied or not). LoRA only changes the hidden states:
-a token whose rows the base never trained, because its text never used it, stays out of
-reach however the hidden states move (docs/experiments/2026-12-02-lora-caption-style.md).
+a token whose rows the base never trained, because its text never used it, stays barely
+reachable; whether greedy decoding says it then depends on the seed
+(docs/experiments/2026-12-02-lora-caption-style.md).
 
 An adapter directory holds config.json ({"kind": "adapter"}: the base as named when
 fine-tuning, a fingerprint of the base's weights files, the LoRA settings, the modules
