@@ -49,6 +49,23 @@ def answers(model, images: list[str], questions: list[str], batch: int = 16) -> 
     return out
 
 
+def write_styled(path: Path, images) -> Path:
+    """A captions JSONL of `images` in the new style."""
+    path.write_text(
+        "".join(json.dumps({"image": im.path, "caption": styled(im.shape, im.color)}) + "\n" for im in images)
+    )
+    return path
+
+
+def finetune_options(args) -> FinetuneOptions:
+    """vlmstack finetune's defaults, with --targets/--no-train-tokens/--rank/--lr/--epochs applied."""
+    options = FinetuneOptions(targets=args.targets, train_tokens=args.train_tokens)
+    options.rank = args.rank or options.rank
+    options.train.lr = args.lr or options.train.lr
+    options.train.epochs = args.epochs or options.train.epochs
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="training images given the new style")
@@ -66,14 +83,8 @@ def main() -> None:
     test = list(easyvqa.images("test"))
     load_before, uptime_before = os.getloadavg(), uptime()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "styled.jsonl"
-        data.write_text(
-            "".join(json.dumps({"image": im.path, "caption": styled(im.shape, im.color)}) + "\n" for im in train)
-        )
-        options = FinetuneOptions(targets=args.targets, train_tokens=args.train_tokens)
-        options.rank = args.rank or options.rank
-        options.train.lr = args.lr or options.train.lr
-        options.train.epochs = args.epochs or options.train.epochs
+        data = write_styled(Path(tmp) / "styled.jsonl", train)
+        options = finetune_options(args)
         card, seconds = timed(finetune, "llava-easyvqa", str(data), Path(tmp) / "adapter", options=options)
         settings = read_adapter_config(Path(tmp) / "adapter").settings
         adapted = load_vlm(str(Path(tmp) / "adapter"))

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.finetune_lora import STYLE, answers, styled
+from benchmarks.finetune_lora import STYLE, answers, finetune_options, styled, write_styled
 from vlm.chat_template import IGNORE_INDEX, encode_conversation
 from vlm.data import easyvqa
 from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
 from vlm.data.sequences import CollateSequences, ConversationDataset, encode_records
-from vlm.finetune import FinetuneOptions, finetune
+from vlm.finetune import finetune
 from vlm.load import load_vlm
 
 
@@ -110,14 +110,8 @@ def main() -> None:
         return
     train, held_out = split_images()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "styled.jsonl"
-        data.write_text(
-            "".join(json.dumps({"image": im.path, "caption": styled(im.shape, im.color)}) + "\n" for im in train)
-        )
-        options = FinetuneOptions(targets=args.targets, train_tokens=args.train_tokens)
-        options.rank = args.rank or options.rank
-        options.train.lr = args.lr or options.train.lr
-        options.train.epochs = args.epochs or options.train.epochs
+        data = write_styled(Path(tmp) / "styled.jsonl", train)
+        options = finetune_options(args)
         options.train.seed = args.seed
         torch.manual_seed(args.seed)  # peft draws LoRA's A matrices from the global generator
         card = finetune("llava-easyvqa", str(data), Path(tmp) / "adapter", options=options)
