@@ -17,6 +17,7 @@ from vlm.data import easyvqa
 from vlm.data.mix import EasyVqaMix
 from vlm.data.records import CaptionRecord, VqaRecord
 from vlm.errors import VlmError
+from vlm.eval.vqa import answer_type
 from vlm.lm import IMAGE_TOKEN
 
 # Instructions for a caption; varied so the model learns the task, not one string.
@@ -129,7 +130,8 @@ def add_recall_questions(
 def easyvqa_conversations(split: str, mix: EasyVqaMix | None = None, *, seed: int = 0) -> list[dict]:
     """All of a split's questions as conversations, plus one caption exchange per image,
     plus the mix's balanced yes/no questions (easyvqa.balanced_yes_no), some of them
-    followed by recall questions (add_recall_questions)."""
+    followed by recall questions (add_recall_questions). Questions whose answer type is
+    not in mix.answer_types are left out (captions stay)."""
     mix = mix or EasyVqaMix()
     records = easyvqa.vqa_records(split) + easyvqa.balanced_yes_no(
         split,
@@ -139,6 +141,7 @@ def easyvqa_conversations(split: str, mix: EasyVqaMix | None = None, *, seed: in
         skew_attributes=mix.yes_no_skew_attributes,
         seed=seed,
     )
+    records = [r for r in records if answer_type(r.answer) in mix.answer_types]
     questions = add_recall_questions(
         vqa_conversations(records, seed=seed), mix.recall_questions, attributes=mix.recall_attributes, seed=seed
     )

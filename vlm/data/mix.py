@@ -10,9 +10,12 @@ two-image comparisons by Flamingo. Data files (.json, .jsonl, .csv) get none of 
 
 from dataclasses import dataclass
 
+ANSWER_TYPES = ("yes/no", "color", "shape")
+
 
 @dataclass
 class EasyVqaMix:
+    answer_types: tuple[str, ...] = ANSWER_TYPES  # asked by answer type; a curriculum starts without "yes/no"
     yes_no_per_image: int = 0  # extra balanced yes/no questions per image (easyvqa.balanced_yes_no)
     yes_no_negated: float = 0.5  # the share of those in negated forms
     yes_no_skew: float = 0.0  # per-value tilt of how often the asked value is shown; of "yes" in comparisons too
@@ -21,3 +24,8 @@ class EasyVqaMix:
     recall_attributes: tuple[str, ...] = ("color", "shape")  # which yes/no questions get recall questions
     fewshot_sequences: int = 0  # interleaved few-shot sequences (Flamingo)
     pair_questions: int = 0  # two-image comparisons (Flamingo)
+
+    def __post_init__(self):
+        unknown = set(self.answer_types) - set(ANSWER_TYPES)
+        if unknown:
+            raise ValueError(f"answer_types may hold {', '.join(ANSWER_TYPES)}; got {', '.join(sorted(unknown))}")
