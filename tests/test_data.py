@@ -265,3 +265,22 @@ def test_conversation_images_are_augmented_before_the_transform_and_bad_ones_sti
     for before, after in zip(plain[0]["pixels"], mirrored[0]["pixels"]):
         torch.testing.assert_close(after, before.flip(-1))
     assert isinstance(mirrored[1], Skipped)
+
+
+def test_answer_types_leave_out_the_other_questions_but_keep_the_captions():
+    from vlm.data.conversations import easyvqa_conversations
+    from vlm.eval.vqa import answer_type
+
+    def answers(mix):
+        records = easyvqa_conversations("test", mix)
+        return [t["value"] for r in records for t in r["conversations"][1::2]], records
+
+    everything, _ = answers(EasyVqaMix(yes_no_per_image=2, recall_questions=1.0))
+    copy, records = answers(EasyVqaMix(answer_types=("color", "shape"), yes_no_per_image=2, recall_questions=1.0))
+    assert {answer_type(a) for a in everything} >= {"yes/no", "color", "shape", "other"}  # "other": captions
+    assert {answer_type(a) for a in copy} == {"color", "shape", "other"}  # no yes/no, so no recall questions either
+    assert sum(r["id"].startswith("caption-") for r in records) == len(easyvqa.images("test"))
+    split_open = [r.answer for r in easyvqa.vqa_records("test") if answer_type(r.answer) != "yes/no"]
+    assert sorted(a for a in copy if answer_type(a) != "other") == sorted(split_open)  # every one, once
+    with pytest.raises(ValueError, match="answer_types may hold yes/no, color, shape; got colour"):
+        EasyVqaMix(answer_types=("colour",))

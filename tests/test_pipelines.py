@@ -80,7 +80,10 @@ def test_every_shipped_pipeline_runs_one_step_per_phase(kind, name, small_easyvq
 
 def test_the_shipped_vqa_pipelines_are_the_chains_that_built_the_shipped_models():
     llava = load_pipeline("llava-easyvqa", "llava")
-    assert [p.name for p in llava.phases] == ["lm", "stage1", "stage2", "skew", "anneal"]
+    assert [p.name for p in llava.phases] == ["lm", "stage1", "copy", "stage2", "skew", "anneal"]
+    copy, stage2 = llava.phase("copy").recipe, llava.phase("stage2").recipe
+    assert (copy.stage, copy.mix.answer_types, copy.mix.yes_no_per_image) == (2, ("color", "shape"), 0)
+    assert stage2.mix.answer_types == ("yes/no", "color", "shape") and stage2.mix.yes_no_per_image == 12
     anneal = llava.phase("anneal").recipe
     assert (anneal.stage, anneal.train.lr, anneal.train.seed, anneal.train.epochs) == (2, 0.0002, 1, 1)
     assert anneal.mix == llava.phase("skew").recipe.mix and anneal.mix.recall_attributes == ("color",)
